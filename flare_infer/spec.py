@@ -61,7 +61,9 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.input_channels, int) and self.input_channels >= 1 and self.input_channels % 2 == 1):
-            raise SpecError(f"input_channels must be an odd integer >= 1 (centred on the slice), found {self.input_channels!r}")
+            raise SpecError(
+                f"input_channels must be an odd integer >= 1 (centred on the slice), found {self.input_channels!r}"
+            )
         spacing = tuple(float(s) for s in self.spacing_xyz_mm)
         if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
             raise SpecError(f"spacing_xyz_mm must be three positive numbers, found {self.spacing_xyz_mm!r}")
