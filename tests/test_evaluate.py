@@ -1,0 +1,247 @@
+"""FLARE22 DSC/NSD: known answers on hand-made masks, the organisers' rules and quirk, files and CSV.
+
+pytest tests/test_evaluate.py -x
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from flare_infer import evaluate, metrics
+from flare_infer.evaluate import CaseError, evaluate_arrays, evaluate_case, evaluate_folder, write_csv
+
+SPACING = (0.75, 0.625, 3.0)  # anisotropic, exact in float32 like a NIfTI header's pixdim
+
+
+# ------------------------------------------------------------------------------ known answers
+def _shifted_cubes(n: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    gt = np.zeros((n + 8,) * 3, bool)
+    gt[4 : 4 + n, 4 : 4 + n, 4 : 4 + n] = True
+    return gt, np.roll(gt, 1, axis=axis)
+
+
+def _cube_areas(n: int, s_shift: float, s_a: float, s_b: float) -> tuple[float, float]:
+    """(total surfel area, area of the surfels farther than min(spacing) from the shifted copy).
+
+    The marching-cubes surface of a voxel cube: flat faces ((n - 1)^2 corner points each, area =
+    the in-plane spacings' product), edges chamfered ((n - 1) points each, 0.5 * length step *
+    diagonal) and corner triangles (0.125 * |(s_a s_b, s_shift s_b, s_shift s_a)|). Shifted by one
+    voxel along `shift`, a cube's surfels on its trailing face (with its rim) and the interior of
+    its leading face are one spacing step away from the other surface; all others lie on it.
+    """
+    m = n - 1
+    corner = 0.125 * math.sqrt((s_a * s_b) ** 2 + (s_shift * s_b) ** 2 + (s_shift * s_a) ** 2)
+    edge_b = 0.5 * s_b * math.hypot(s_shift, s_a)  # edges along b, chamfered across shift and a
+    edge_a = 0.5 * s_a * math.hypot(s_shift, s_b)
+    edge_shift = 0.5 * s_shift * math.hypot(s_a, s_b)
+    total = (
+        2 * m * m * (s_a * s_b + s_shift * s_b + s_shift * s_a) + 4 * m * (edge_b + edge_a + edge_shift) + 8 * corner
+    )
+    trailing_face = m * m * s_a * s_b + 2 * m * (edge_b + edge_a) + 4 * corner
+    leading_interior = m * m * s_a * s_b
+    return total, trailing_face + leading_interior
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_cube_shifted_one_voxel_has_hand_computed_nsd(axis):
+    n = 6
+    gt, pred = _shifted_cubes(n, axis)
+    others = [SPACING[a] for a in range(3) if a != axis]
+    total, missed = _cube_areas(n, SPACING[axis], *others)
+    tol_below = 0.5 * min(SPACING)
+    expected = 1 - missed / total  # both cubes miss the same area by symmetry
+    assert metrics.fast_surface_dice(gt, pred, SPACING, tol_below) == pytest.approx(expected, rel=1e-12)
+    reference = metrics.reference_surface_distances(gt, pred, SPACING)
+    assert metrics.surface_dice_at_tolerance(reference, tol_below) == pytest.approx(expected, rel=1e-12)
+    assert np.sum(reference.surfel_areas_gt) == pytest.approx(total, rel=1e-12)
+    # Every surfel is at most one step along the shift axis away: a larger tolerance gives 1.
+    assert metrics.fast_surface_dice(gt, pred, SPACING, SPACING[axis] * 1.01) == 1.0
+    assert metrics.dice(gt, pred) == pytest.approx((n - 1) / n)
+
+
+def test_area_table_matches_flat_face_and_corner_geometry():
+    table = metrics.surfel_area_table(SPACING)
+    s0, s1, s2 = SPACING
+    # Codes 15 / 51 / 85: four voxels on one side of a plane normal to axis 0 / 1 / 2.
+    assert table[15] == pytest.approx(s1 * s2)
+    assert table[51] == pytest.approx(s0 * s2)
+    assert table[85] == pytest.approx(s0 * s1)
+    assert table[1] == pytest.approx(0.125 * math.sqrt((s1 * s2) ** 2 + (s0 * s2) ** 2 + (s0 * s1) ** 2))
+    assert table[0] == table[255] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_nsd_equals_reference_and_uncropped_on_random_masks(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(6, 18, 3))
+    gt = rng.random(shape) < 0.3
+    pred = np.roll(gt, tuple(rng.integers(-2, 3, 3)), axis=(0, 1, 2)) ^ (rng.random(shape) < 0.05)
+    spacing = tuple(float(np.float32(s)) for s in rng.uniform(0.5, 3.0, 3))
+    for tol in (1.0, 2.0, 5.0):
+        fast = metrics.fast_surface_dice(gt, pred, spacing, tol)
+        cropped = metrics.surface_dice_at_tolerance(metrics.reference_surface_distances(gt, pred, spacing), tol)
+        whole = metrics.surface_dice_at_tolerance(
+            metrics.reference_surface_distances(gt, pred, spacing, crop_to_union=False), tol
+        )
+        assert fast == pytest.approx(cropped, abs=1e-14)
+        assert whole == pytest.approx(cropped, abs=1e-14)
+
+
+def test_far_stray_blob_is_scored_like_the_reference():
+    # A prediction blob far from the organ: outside the tolerance window, must still count as a miss.
+    gt = np.zeros((40, 30, 20), bool)
+    gt[5:12, 5:12, 3:9] = True
+    pred = gt.copy()
+    pred[33:36, 24:27, 15:18] = True
+    for tol in (2.0, 7.0):
+        expected = metrics.surface_dice_at_tolerance(metrics.reference_surface_distances(gt, pred, SPACING), tol)
+        assert metrics.fast_surface_dice(gt, pred, SPACING, tol) == pytest.approx(expected, abs=1e-14)
+        assert expected < 1
+
+
+# ------------------------------------------------------------------------------- case rules
+def _case_zyx() -> np.ndarray:
+    """(Z, Y, X) labels: liver block and an aorta tube over slices 5..15, a kidney (RK) blob."""
+    labels = np.zeros((24, 20, 22), np.uint8)
+    labels[5:16, 2:9, 2:10] = 1  # liver
+    labels[5:16, 12:15, 12:15] = 5  # aorta
+    labels[8:12, 14:18, 3:8] = 2  # right kidney
+    return labels
+
+
+def test_empty_rules_one_one_for_absent_zero_zero_for_either_empty():
+    gt = _case_zyx()
+    pred = gt.copy()
+    pred[pred == 2] = 0  # RK in GT, not predicted
+    pred[18:21, 2:5, 2:5] = 3  # spleen predicted, absent from GT
+    scores = evaluate_case(pred, gt, spacing_xyz=SPACING)
+    assert (scores.dsc["RK"], scores.nsd["RK"]) == (0.0, 0.0)
+    assert (scores.dsc["Spleen"], scores.nsd["Spleen"]) == (0.0, 0.0)
+    assert (scores.dsc["LK"], scores.nsd["LK"]) == (1.0, 1.0)  # absent from both
+    assert (scores.dsc["Liver"], scores.nsd["Liver"]) == (1.0, 1.0)
+
+
+def test_axial_cut_ignores_top_gt_slice_and_outside_range_for_aorta_not_liver():
+    gt = _case_zyx()
+    pred = gt.copy()
+    pred[15][gt[15] == 5] = 0  # remove the aorta's top GT slice (z = 15, the last labelled one)
+    pred[15][gt[15] == 1] = 0  # and the liver's
+    pred[19:22, 12:15, 12:15] = 5  # aorta above the GT's range
+    pred[19:22, 2:5, 2:5] = 1  # liver above it too
+    scores = evaluate_case(pred, gt, spacing_xyz=SPACING)
+    assert (scores.dsc["Aorta"], scores.nsd["Aorta"]) == (1.0, 1.0)
+    assert scores.dsc["Liver"] < 1 and scores.nsd["Liver"] < 1
+
+
+def test_axial_cut_keeps_bottom_gt_slice():
+    gt = _case_zyx()
+    pred = gt.copy()
+    pred[5][gt[5] == 5] = 0  # z_min is inclusive: a missing bottom slice counts
+    assert evaluate_case(pred, gt, spacing_xyz=SPACING).dsc["Aorta"] < 1
+
+
+def test_images_and_arrays_give_the_same_scores_with_header_spacing():
+    gt, pred = _case_zyx(), np.roll(_case_zyx(), 1, axis=1)
+    gt_image, pred_image = sitk.GetImageFromArray(gt), sitk.GetImageFromArray(pred)
+    gt_image.SetSpacing(SPACING)  # (x, y, z) header spacing of the (Z, Y, X) array
+    pred_image.CopyInformation(gt_image)
+    from_images = evaluate_case(pred_image, gt_image)
+    from_arrays = evaluate_arrays(pred.transpose(2, 1, 0), gt.transpose(2, 1, 0), SPACING)
+    assert from_images.row() == from_arrays.row()
+    assert evaluate_case(pred_image, gt_image, workers=2).row() == from_images.row()
+
+
+def test_scores_are_rounded_to_four_decimals():
+    gt, pred = _case_zyx(), np.roll(_case_zyx(), 1, axis=2)
+    scores = evaluate_case(pred, gt, spacing_xyz=(0.8, 0.8, 2.5))
+    values = [*scores.dsc.values(), *scores.nsd.values()]
+    assert any(0 < v < 1 for v in values)
+    assert all(v == round(v, 4) for v in values)
+
+
+def test_flare_2024_rule_zeroes_nsd_below_dsc_0_2_only_when_asked():
+    gt = _case_zyx()
+    pred = gt.copy()
+    pred[pred == 2] = 0
+    pred[8:9, 14:15, 3:8] = 2  # a sliver of the kidney: DSC < 0.2, surface partly within tolerance
+    default = evaluate_case(pred, gt, spacing_xyz=SPACING)
+    flare24 = evaluate_case(pred, gt, spacing_xyz=SPACING, flare_2024=True)
+    assert default.dsc["RK"] < 0.2 and default.nsd["RK"] > 0
+    assert flare24.nsd["RK"] == 0.0 and flare24.dsc["RK"] == default.dsc["RK"]
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(CaseError, match="prediction shape .* differs from ground truth shape"):
+        evaluate_case(np.zeros((3, 4, 5), np.uint8), np.zeros((3, 4, 6), np.uint8), spacing_xyz=(1, 1, 1))
+
+
+# ----------------------------------------------------------------------------- folders, CSV
+def _write(labels_zyx: np.ndarray, path, spacing_xyz=SPACING) -> None:
+    image = sitk.GetImageFromArray(labels_zyx)
+    image.SetSpacing(spacing_xyz)
+    sitk.WriteImage(image, str(path))
+
+
+def test_csv_header_is_the_organisers(tmp_path):
+    path = tmp_path / "out.csv"
+    gt = _case_zyx()
+    write_csv([evaluate_case(gt, gt, spacing_xyz=(1, 1, 1), name="case_0001.nii.gz")], path)
+    lines = path.read_text().splitlines()
+    assert lines[0] == (
+        "Name,Liver_DSC,RK_DSC,Spleen_DSC,Pancreas_DSC,Aorta_DSC,IVC_DSC,RAG_DSC,LAG_DSC,Gallbladder_DSC,"
+        "Esophagus_DSC,Stomach_DSC,Duodenum_DSC,LK_DSC,Liver_NSD,RK_NSD,Spleen_NSD,Pancreas_NSD,Aorta_NSD,"
+        "IVC_NSD,RAG_NSD,LAG_NSD,Gallbladder_NSD,Esophagus_NSD,Stomach_NSD,Duodenum_NSD,LK_NSD"
+    )
+    # Liver, RK, Aorta computed (floats, as pandas writes them); the other 10 organs absent from
+    # both in the only case: the organisers' int 1, and a column of only ints is written as ints.
+    values = lines[1].split(",")[1:]
+    assert values[:13] == ["1.0", "1.0", "1", "1", "1.0", "1", "1", "1", "1", "1", "1", "1", "1"]
+    assert values[13:] == values[:13]
+
+
+def test_missing_prediction_scores_zero_for_present_organs_with_a_warning(tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    _write(_case_zyx(), gt_dir / "case_a.nii.gz")
+    _write(_case_zyx(), gt_dir / "case_b.nii.gz")
+    _write(_case_zyx(), pred_dir / "case_a.nii.gz")
+    with pytest.warns(UserWarning, match="case_b.nii.gz"):
+        result = evaluate_folder(pred_dir, gt_dir)
+    assert result.missing == ["case_b.nii.gz"]
+    by_name = {c.name: c for c in result.cases}
+    missing = by_name["case_b.nii.gz"]
+    assert missing.dsc["Liver"] == missing.nsd["Liver"] == 0.0  # present in the GT
+    assert missing.dsc["Spleen"] == missing.nsd["Spleen"] == 1.0  # absent from both
+    assert by_name["case_a.nii.gz"].dsc["Liver"] == 1.0
+
+
+def test_shape_mismatch_fails_that_case_only_and_the_cli_exits_non_zero(tmp_path, capsys):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    for name in ("case_a.nii.gz", "case_b.nii.gz"):
+        _write(_case_zyx(), gt_dir / name)
+    _write(_case_zyx(), pred_dir / "case_a.nii.gz")
+    _write(_case_zyx()[:, :, :-1], pred_dir / "case_b.nii.gz")
+    csv_path, md_path = tmp_path / "scores.csv", tmp_path / "scores.md"
+    code = evaluate.main(pred_dir, gt_dir, csv=csv_path, markdown=md_path, workers=2)
+    assert code == 1
+    assert "case_b.nii.gz" in capsys.readouterr().err
+    assert [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]] == ["case_a.nii.gz"]
+    markdown = md_path.read_text()
+    assert "| liver | 1.0000 | 1.0000 |" in markdown  # one case: the mean without a std
+    assert "| **mean** | 1.0000 | 1.0000 |" in markdown
+
+
+def test_single_slice_gt_aorta_is_cut_to_nothing_and_scored_nan_like_the_organisers(tmp_path):
+    gt = _case_zyx()
+    gt[gt == 5] = 0
+    gt[7, 12:15, 12:15] = 5  # one labelled slice: [z_min, z_max) is empty
+    scores = evaluate_case(gt, gt, spacing_xyz=SPACING, name="c.nii.gz")
+    assert math.isnan(scores.dsc["Aorta"]) and math.isnan(scores.nsd["Aorta"])
+    write_csv([scores], tmp_path / "s.csv")
+    row = (tmp_path / "s.csv").read_text().splitlines()[1].split(",")
+    assert row[5] == "" and row[13 + 5] == ""  # empty cells, as pandas writes NaN
