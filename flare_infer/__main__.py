@@ -1,0 +1,195 @@
+"""Command line: predict every CT in a folder.
+
+    python -m flare_infer predict INPUT_DIR OUTPUT_DIR [--model weights/student.onnx] [--device auto|cuda|cpu]
+        [--batch-size N] [--postprocess none|lcc] [--preview] [--shard K/N] [--threads N]
+
+Every `*.nii.gz` / `*.nii` in INPUT_DIR is a case; `NAME_0000.nii.gz` writes `NAME.nii.gz`, other
+names keep theirs. A case that fails logs `ERROR <file name>: <reason>` on stderr and the others go
+on. Exit code: 0 every case written, 1 some case failed, 2 usage error (nothing was processed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from flare_infer import io
+from flare_infer.postprocess import POSTPROCESS_CHOICES
+from flare_infer.session import DEVICES
+
+log = logging.getLogger("flare_infer")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="FLARE22 abdominal organ segmentation (ONNX).")
+
+DEFAULT_MODEL = Path("weights/student.onnx")
+EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
+STAGES = ("read", "preprocess", "infer", "restore", "write")
+
+
+class UsageError(Exception):
+    """Bad arguments or environment: reported before any case is processed, exit code 2."""
+
+
+def default_model_candidates() -> list[Path]:
+    """weights/student.onnx beside the package's checkout, in /workspace (the container), then in the cwd."""
+    repo_root = Path(__file__).resolve().parents[1]
+    candidates = [repo_root / DEFAULT_MODEL, Path("/workspace") / DEFAULT_MODEL, Path.cwd() / DEFAULT_MODEL]
+    return list(dict.fromkeys(candidates))  # unique, in order
+
+
+def resolve_model(model: Path | None) -> Path:
+    if model is not None:
+        if not model.is_file():
+            raise UsageError(f"--model {model}: file not found")
+        return model
+    candidates = default_model_candidates()
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise UsageError(
+            "the shipped weights are not there yet: no weights/student.onnx in "
+            + ", ".join(str(p.parent) for p in candidates)
+            + ". Train and export them (`python -m training.student ...`, then `python -m training.export ...`) "
+            "or pass --model PATH.onnx (with its PATH.json sidecar)."
+        )
+    return found
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """`K/N` -> (K, N) with 0 <= K < N: this process takes cases K, K+N, K+2N, ..."""
+    try:
+        k, n = (int(s) for s in shard.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must be K/N (for example 0/4), found {shard!r}") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise UsageError(f"--shard K/N needs 0 <= K < N, found {shard!r}")
+    return k, n
+
+
+def check_folders(input_dir: Path, output_dir: Path) -> list[Path]:
+    """Cases of `input_dir`; raises `UsageError` for a missing/empty input or an unwritable output folder."""
+    if not input_dir.is_dir():
+        raise UsageError(f"input folder {input_dir} does not exist or is not a folder")
+    cases = io.list_cases(input_dir)
+    if not cases:
+        raise UsageError(f"input folder {input_dir} holds no *.nii.gz or *.nii file")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"output folder {output_dir} cannot be written ({e.strerror or e})") from None
+    return cases
+
+
+def _load(model_path: Path, device: str, threads: int | None):
+    from flare_infer.session import load_model  # onnxruntime is imported only when predicting
+    from flare_infer.spec import SpecError
+
+    try:
+        return load_model(model_path, device=device, threads=threads)
+    except (SpecError, RuntimeError, ValueError) as e:
+        raise UsageError(f"model {model_path}: {e}") from None
+
+
+def _save_preview(result, out_png: Path) -> None:
+    try:
+        from flare_infer.preview import save_preview
+
+        save_preview(result.image, result.mask, out_png)
+    except Exception as e:  # a missing picture must not fail a case whose mask is written
+        log.warning("WARNING %s: preview not written (%s: %s)", out_png.name, type(e).__name__, e)
+
+
+def run_cases(cases: list[Path], output_dir: Path, model, *, batch_size: int, postprocess: str, preview: bool) -> int:
+    """Predict each case, log one line per case; return the number of failed cases."""
+    from flare_infer.pipeline import predict_file
+
+    failed = 0
+    totals = dict.fromkeys(STAGES, 0.0)
+    for path in _progress(cases):
+        out_path = output_dir / io.output_name(path)
+        try:
+            result = predict_file(
+                path, out_path, model.predict, model.spec,
+                batch_size=batch_size, postprocess=postprocess, fixed_batch=model.fixed_batch,
+            )  # fmt: skip
+        except Exception as e:  # one bad case never stops the others; the reason is logged with its name
+            failed += 1
+            reason = str(e) if isinstance(e, io.InputError) else f"{type(e).__name__}: {e}"
+            print(f"ERROR {path.name}: {reason}", file=sys.stderr, flush=True)
+            continue
+        for stage, seconds in result.seconds.items():
+            totals[stage] += seconds
+        stages = " ".join(f"{s} {result.seconds[s]:.2f}s" for s in STAGES)
+        log.info("%s -> %s: %s [%s]", path.name, out_path.name, stages, model.provider)
+        if preview:
+            _save_preview(result, out_path.with_name(out_path.name.split(".nii")[0] + ".png"))
+    done = len(cases) - failed
+    log.info("%d of %d cases written, %d failed; seconds per stage over all cases: %s", done, len(cases), failed,
+             " ".join(f"{s} {totals[s]:.1f}" for s in STAGES))  # fmt: skip
+    return failed
+
+
+def _progress(cases: list[Path]):
+    """A progress bar over cases on an interactive terminal; plain iteration in logs."""
+    if not sys.stderr.isatty():
+        yield from cases
+        return
+    from rich.console import Console
+    from rich.progress import track
+
+    yield from track(cases, description="cases", console=Console(stderr=True), transient=True)
+
+
+@app.callback()
+def main() -> None:
+    """FLARE22 abdominal organ segmentation with an ONNX model (no torch)."""
+
+
+@app.command()
+def predict(
+    input_dir: Path = typer.Argument(..., help="folder of CTs (*.nii.gz, *.nii)"),
+    output_dir: Path = typer.Argument(..., help="folder for the masks (created)"),
+    model: Path | None = typer.Option(None, help="NAME.onnx with NAME.json beside it (default: weights/student.onnx)"),
+    device: str = typer.Option("auto", help=f"one of {DEVICES}: auto = CUDA if onnxruntime has it, else CPU"),
+    batch_size: int = typer.Option(16, min=1, help="axial slices per network call"),
+    postprocess: str = typer.Option("none", help=f"one of {POSTPROCESS_CHOICES}: lcc = largest component per organ"),
+    preview: bool = typer.Option(False, help="also write NAME.png: axial, coronal, sagittal slices with the mask"),
+    shard: str = typer.Option("0/1", help="K/N: process cases K, K+N, K+2N, ... (split a folder over machines)"),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads, onnxruntime and ITK (default: all allowed)"),
+) -> None:
+    """Segment every CT in INPUT_DIR into OUTPUT_DIR."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    import SimpleITK as sitk
+
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's header warnings are noise; refusals say why
+    if threads:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)  # ITK reads and writes in threads too
+    try:
+        if device not in DEVICES:
+            raise UsageError(f"--device must be one of {DEVICES}, found {device!r}")
+        if postprocess not in POSTPROCESS_CHOICES:
+            raise UsageError(f"--postprocess must be one of {POSTPROCESS_CHOICES}, found {postprocess!r}")
+        k, n = parse_shard(shard)
+        cases = check_folders(input_dir, output_dir)[k::n]
+        model_path = resolve_model(model)
+        loaded = _load(model_path, device, threads)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+    log.info("model %s on %s; %d cases (shard %d/%d)", model_path, loaded.provider, len(cases), k, n)
+    if loaded.provider == "CPUExecutionProvider" and device != "cpu":
+        log.info("no usable NVIDIA GPU (no driver visible or no CUDA in this onnxruntime): running on the CPU")
+    start = time.perf_counter()
+    failed = run_cases(cases, output_dir, loaded, batch_size=batch_size, postprocess=postprocess, preview=preview)
+    log.info("total %.1f s", time.perf_counter() - start)
+    raise typer.Exit(EXIT_CASE_FAILED if failed else EXIT_OK)
+
+
+if __name__ == "__main__":
+    app()

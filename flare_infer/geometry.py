@@ -1,0 +1,257 @@
+"""Geometry: reorient to the canonical orientation, resample to a spacing, restore onto the original grid.
+
+Canonical orientation (docs/ARCHITECTURE.md): `SimpleITK.DICOMOrient(image, "LPS")`, so the numpy
+view `vol_zyx` has axis 0 inferior->superior, axis 1 anterior->posterior, axis 2 patient right->left.
+Resampling works in physical space and keeps the canonical direction (identity up to a small oblique
+rotation), so the resampled grid covers exactly the input's field of view and restoring is exact up
+to interpolation. Used by `flare_infer.pipeline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+CANONICAL = "LPS"
+
+
+class GridMismatchError(RuntimeError):
+    """An output that does not lie on the grid it must lie on: a bug, never written."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Size, spacing, origin and direction of an image: everything that places its voxels in space."""
+
+    size_xyz: tuple[int, ...]
+    spacing_xyz: tuple[float, ...]
+    origin_xyz: tuple[float, ...]
+    direction: tuple[float, ...]  # row-major 3x3, columns are the axes' directions
+
+    @classmethod
+    def of(cls, image: sitk.Image | sitk.ImageFileReader) -> Grid:
+        return cls(
+            tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection())
+        )
+
+    def differences(self, other: Grid, *, atol: float = 0.0) -> list[str]:
+        """Names and values of the fields that differ by more than `atol` (0: exactly equal)."""
+        diffs = []
+        for name in ("size_xyz", "spacing_xyz", "origin_xyz", "direction"):
+            a, b = np.asarray(getattr(self, name), float), np.asarray(getattr(other, name), float)
+            if a.shape != b.shape or not np.allclose(a, b, rtol=0.0, atol=atol):
+                diffs.append(f"{name}: expected {getattr(self, name)}, found {getattr(other, name)}")
+        return diffs
+
+
+def check_same_grid(expected: sitk.Image, found: sitk.Image, *, what: str, atol: float = 0.0) -> None:
+    """Raise `GridMismatchError` naming every field of `found`'s grid that differs from `expected`'s."""
+    diffs = Grid.of(expected).differences(Grid.of(found), atol=atol)
+    if diffs:
+        raise GridMismatchError(f"{what} does not lie on the expected grid: " + "; ".join(diffs))
+
+
+def to_canonical(image: sitk.Image) -> sitk.Image:
+    """Permute and flip axes (no interpolation) so that the direction is as close to identity as possible."""
+    return sitk.DICOMOrient(image, CANONICAL)
+
+
+def spacing_grid(image: sitk.Image | Grid, spacing_xyz: tuple[float, float, float]) -> Grid:
+    """The grid with `spacing_xyz` over `image`'s field of view: same direction, outer voxel edges aligned.
+
+    Each axis keeps its physical extent `size * spacing` rounded to whole new voxels (at least one),
+    and the first voxel's outer edge stays where the input's first voxel's edge is.
+    """
+    grid = image if isinstance(image, Grid) else Grid.of(image)
+    size_in = np.asarray(grid.size_xyz, float)
+    spacing_in = np.asarray(grid.spacing_xyz, float)
+    spacing_out = np.asarray(spacing_xyz, float)
+    size_out = np.maximum(1, np.round(size_in * spacing_in / spacing_out)).astype(int)
+    direction = np.asarray(grid.direction, float).reshape(3, 3)
+    origin_out = np.asarray(grid.origin_xyz, float) + direction @ ((spacing_out - spacing_in) / 2)
+    size_out_xyz = tuple(int(s) for s in size_out)
+    return Grid(size_out_xyz, tuple(spacing_out.tolist()), tuple(origin_out.tolist()), grid.direction)
+
+
+def canonical_grid(image: sitk.Image) -> Grid:
+    """The grid `to_canonical(image)` has, without copying voxels.
+
+    DICOMOrient on a 2 x 2 x 2 stand-in with the same direction gives the canonical direction (which does not
+    depend on size); from it follow the permutation and flips, hence spacing, size and origin.
+    """
+    probe = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    probe.SetDirection(image.GetDirection())
+    direction = to_canonical(probe).GetDirection()
+    axes, signs = _signed_permutation(image.GetDirection(), direction)
+    size, spacing = np.asarray(image.GetSize()), np.asarray(image.GetSpacing())
+    d_in = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    origin = np.asarray(image.GetOrigin(), float)
+    for a in range(3):
+        if signs[a] < 0:  # a flipped axis starts at the input's last voxel on that axis
+            origin = origin + d_in[:, a] * spacing[a] * (size[a] - 1)
+    inverse = [axes.index(b) for b in range(3)]
+    size_xyz, spacing_xyz = tuple(int(size[a]) for a in inverse), tuple(float(spacing[a]) for a in inverse)
+    return Grid(size_xyz, spacing_xyz, tuple(origin.tolist()), direction)
+
+
+def resample_to_grid(
+    image: sitk.Image, grid: Grid, *, interpolator: int, default_value: float, pixel_id: int
+) -> sitk.Image:
+    """Sample `image` at the voxel centres of `grid` (identity transform: physical space to physical space)."""
+    return sitk.Resample(
+        image,
+        [int(s) for s in grid.size_xyz],
+        sitk.Transform(),
+        interpolator,
+        grid.origin_xyz,
+        grid.spacing_xyz,
+        grid.direction,
+        float(default_value),
+        pixel_id,
+    )
+
+
+def resample_ct(canonical: sitk.Image, spacing_xyz: tuple[float, float, float]) -> sitk.Image:
+    """Linear resampling of a canonical CT to `spacing_xyz` as float32; outside the volume = its minimum."""
+    vol = sitk.GetArrayViewFromImage(canonical)
+    outside = float(vol.min())
+    return resample_to_grid(
+        canonical,
+        spacing_grid(canonical, spacing_xyz),
+        interpolator=sitk.sitkLinear,
+        default_value=outside,
+        pixel_id=sitk.sitkFloat32,
+    )
+
+
+def canonical_resample_ct(image: sitk.Image, spacing_xyz: tuple[float, float, float]) -> sitk.Image:
+    """`resample_ct(to_canonical(image), spacing_xyz)`, computed without the reoriented copy and 2-3x faster.
+
+    The target grid's axes are the input's axes permuted and flipped, so trilinear interpolation separates
+    into three 1D interpolations, one per input axis (numpy), followed by a transpose of the small result.
+    Same values as ITK's linear interpolator (edge voxels clamped inside the field of view; outside = minimum).
+    """
+    grid = spacing_grid(canonical_grid(image), spacing_xyz)
+    alignment = axis_alignment(image, grid)
+    assert alignment is not None, "a canonical grid is always a signed permutation of the input's axes"
+    axes, signs = alignment
+    vol = sitk.GetArrayViewFromImage(image)  # (Z, Y, X) of the input
+    outside = float(vol.min())
+    d_in = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    start = d_in.T @ (np.asarray(grid.origin_xyz) - np.asarray(image.GetOrigin()))  # grid's first voxel, input frame
+    ratios = [grid.size_xyz[axes[a]] / image.GetSize()[a] for a in range(3)]
+    # shrinking axes first (less work afterwards); on ties the slower-varying axis first (take copies whole rows)
+    for a in sorted(range(3), key=lambda a: (ratios[a], -a)):
+        b = axes[a]
+        cont = (start[a] + signs[a] * grid.spacing_xyz[b] * np.arange(grid.size_xyz[b])) / image.GetSpacing()[a]
+        vol = _interp_axis(vol, 2 - a, cont, outside)
+    # numpy axis 2 - a now runs along grid axis axes[a]; grid numpy axis j is grid axis 2 - j
+    order = [2 - axes.index(2 - j) for j in range(3)]
+    out = sitk.GetImageFromArray(np.ascontiguousarray(vol.transpose(order), np.float32))
+    out.SetOrigin(grid.origin_xyz)
+    out.SetSpacing(grid.spacing_xyz)
+    out.SetDirection(grid.direction)
+    return out
+
+
+def _interp_axis(vol: np.ndarray, np_axis: int, cont: np.ndarray, outside: float) -> np.ndarray:
+    """Linear interpolation of `vol` along one axis at continuous indices `cont` (float32 result)."""
+    n = vol.shape[np_axis]
+    lo = np.floor(cont).astype(np.int64)
+    weight = (cont - lo).astype(np.float32)
+    shape = [1, 1, 1]
+    shape[np_axis] = len(cont)
+    if n > 1 and np.array_equal(lo, np.arange(len(cont))) and not weight.any():
+        out = vol.astype(np.float32, copy=False)  # the same voxel positions: nothing to interpolate
+    else:
+        v0 = vol.take(np.clip(lo, 0, n - 1), axis=np_axis)
+        v1 = vol.take(np.clip(lo + 1, 0, n - 1), axis=np_axis)
+        out = np.subtract(v1, v0, dtype=np.float32)
+        out *= weight.reshape(shape)
+        out += v0
+    inside = (cont >= -0.5) & (cont <= n - 0.5)  # ITK's buffer includes half a voxel around the centres
+    if not inside.all():
+        out = np.where(inside.reshape(shape), out, np.float32(outside))
+    return out
+
+
+def labels_to_grid(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour resampling of a label image onto `reference`'s grid, uint8, background outside."""
+    out = resample_to_grid(
+        labels, Grid.of(reference), interpolator=sitk.sitkNearestNeighbor, default_value=0, pixel_id=sitk.sitkUInt8
+    )
+    check_same_grid(reference, out, what="resampled labels")
+    return out
+
+
+def _signed_permutation(direction_a, direction_b) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """axes[a] = the axis b of direction_b parallel to axis a of direction_a, signs[a] = their cosine (+-1)."""
+    cosines = np.asarray(direction_b, float).reshape(3, 3).T @ np.asarray(direction_a, float).reshape(3, 3)
+    axes = tuple(int(b) for b in np.abs(cosines).argmax(axis=0))
+    signs = cosines[list(axes), [0, 1, 2]]
+    if sorted(axes) != [0, 1, 2] or not np.allclose(np.abs(signs), 1.0, atol=1e-6):
+        return None
+    return axes, np.sign(signs)
+
+
+def axis_alignment(image: sitk.Image, grid: Grid) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """For each axis a of `image`, the axis b of `grid` along the same line and the cosine (+1 or -1) between them.
+
+    None unless the direction matrices differ only by a signed permutation of columns, as the resampled grid
+    and the input always do (DICOMOrient permutes and flips axes, resampling keeps the direction).
+    """
+    return _signed_permutation(image.GetDirection(), grid.direction)
+
+
+def nearest_indices(image: sitk.Image, grid: Grid, axes: tuple[int, ...], signs: np.ndarray) -> list[np.ndarray]:
+    """Per axis a of `image`: the index along grid axis axes[a] nearest to each voxel centre (-1: outside)."""
+    d_grid = np.asarray(grid.direction, float).reshape(3, 3)
+    start = d_grid.T @ (np.asarray(image.GetOrigin()) - np.asarray(grid.origin_xyz))  # first voxel, grid frame (mm)
+    out = []
+    for a, (b, sign) in enumerate(zip(axes, signs, strict=True)):
+        steps_mm = sign * image.GetSpacing()[a] * np.arange(image.GetSize()[a])
+        cont = (start[b] + steps_mm) / grid.spacing_xyz[b]  # continuous index along grid axis b
+        idx = np.floor(cont + 0.5).astype(np.int64)  # ITK rounds half up too
+        inside = (cont >= -0.5) & (cont < grid.size_xyz[b] - 0.5)
+        out.append(np.where(inside, idx, -1))
+    return out
+
+
+def labels_to_image_grid(labels_zyx: np.ndarray, labels_grid: Grid, image: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour labels on `image`'s grid, uint8, as `labels_to_grid` but by index lookup per axis.
+
+    Exact when the two grids' axes are parallel (always, between the resampled grid and the input): each output
+    axis then draws from one input axis, and three 1D lookups replace a 3D resampling (5-6x faster for a
+    512 x 512 x 200 CT on 2 cores). Falls back to `labels_to_grid` otherwise.
+    """
+    alignment = axis_alignment(image, labels_grid)
+    if alignment is None:
+        labels = sitk.GetImageFromArray(labels_zyx)
+        labels.SetOrigin(labels_grid.origin_xyz)
+        labels.SetSpacing(labels_grid.spacing_xyz)
+        labels.SetDirection(labels_grid.direction)
+        return labels_to_grid(labels, image)
+    axes, signs = alignment
+    idx_xyz = nearest_indices(image, labels_grid, axes, signs)
+    # numpy axis of labels_zyx holding grid axis b is 2 - b; output numpy axes are image axes (z, y, x) = (2, 1, 0)
+    vol = labels_zyx.transpose([2 - axes[a] for a in (2, 1, 0)])
+    for np_axis, a in enumerate((2, 1, 0)):
+        idx = idx_xyz[a]
+        vol = vol.take(np.clip(idx, 0, None), axis=np_axis)
+        if (idx < 0).any():  # voxel centres outside the labels' field of view are background
+            vol[(slice(None),) * np_axis + (idx < 0,)] = 0
+    out = sitk.GetImageFromArray(np.ascontiguousarray(vol, np.uint8))
+    out.CopyInformation(image)
+    return out
+
+
+def image_from_zyx(vol_zyx: np.ndarray, grid_image: sitk.Image) -> sitk.Image:
+    """Wrap a (Z, Y, X) array as an image on `grid_image`'s grid (shapes must match)."""
+    expected_zyx = tuple(reversed(grid_image.GetSize()))
+    if vol_zyx.shape != expected_zyx:
+        raise GridMismatchError(f"array shape {vol_zyx.shape} does not match the grid's (Z, Y, X) {expected_zyx}")
+    out = sitk.GetImageFromArray(vol_zyx)
+    out.CopyInformation(grid_image)
+    return out

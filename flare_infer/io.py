@@ -1,0 +1,185 @@
+"""Read a CT safely, write a mask atomically, list the cases of a folder and name their outputs.
+
+Every header is checked before any voxel is read (3D, one component, a known pixel type, positive
+finite spacing, a voxel count under `MAX_VOXELS`); float voxels are then checked for NaN and
+infinity. A refused file raises `InputError` whose message names the file and the reason.
+Used by `flare_infer.pipeline` and the CLI (`python -m flare_infer predict ...`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+# 2^31 voxels (1024 x 1024 x 2048): 4 GiB as int16 before any processing; a FLARE CT has ~0.1-0.3 of that.
+MAX_VOXELS = 1024 * 1024 * 2048
+
+_ACCEPTED_PIXEL_IDS = {
+    sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
+    sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64,
+    sitk.sitkFloat32, sitk.sitkFloat64,
+}  # fmt: skip
+_FLOAT_PIXEL_IDS = {sitk.sitkFloat32, sitk.sitkFloat64}
+CASE_SUFFIXES = (".nii.gz", ".nii")
+
+
+class InputError(ValueError):
+    """A case that cannot be processed; the message names the file and the reason."""
+
+
+def _header(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(f"not a readable image header ({_first_line(e)})") from None
+    return reader
+
+
+def _first_line(e: Exception) -> str:
+    """ITK messages span lines (source file, line, class); keep the informative last non-empty one."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def check_header(reader: sitk.ImageFileReader) -> None:
+    """Raise `InputError` unless the header describes a 3D scalar image of sensible size and spacing."""
+    dim = reader.GetDimension()
+    if dim != 3:
+        raise InputError(f"expected a 3D image, found {dim}D with size {reader.GetSize()}")
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(f"expected a scalar image, found {reader.GetNumberOfComponents()} components per voxel")
+    if reader.GetPixelID() not in _ACCEPTED_PIXEL_IDS:
+        raise InputError(f"unsupported pixel type {sitk.GetPixelIDValueAsString(reader.GetPixelID())}")
+    size = reader.GetSize()
+    n_voxels = int(np.prod(size, dtype=np.int64))
+    if n_voxels > MAX_VOXELS or min(size) < 1:
+        raise InputError(f"size {size} = {n_voxels} voxels is outside 1..{MAX_VOXELS} (1024 x 1024 x 2048)")
+    spacing = reader.GetSpacing()
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"spacing must be positive and finite, found {spacing} mm")
+    if not all(np.isfinite(v) for v in (*reader.GetOrigin(), *reader.GetDirection())):
+        raise InputError(f"origin/direction must be finite, found {reader.GetOrigin()} / {reader.GetDirection()}")
+
+
+def read_ct(path: str | Path) -> sitk.Image:
+    """Read a CT after checking its header; raise `InputError` for anything the pipeline cannot use."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found")
+    if path.stat().st_size == 0:
+        raise InputError("empty file (0 bytes)")
+    reader = _header(path)
+    check_header(reader)
+    check_nifti_payload(path, reader)
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise InputError(f"voxel data unreadable, truncated or corrupt ({_first_line(e)})") from None
+    check_finite(image)
+    return image
+
+
+# NIfTI datatype codes of float voxels -> numpy dtype without byte order
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+_CHUNK_BYTES = 1 << 24
+
+
+def check_nifti_payload(path: Path, reader: sitk.ImageFileReader) -> None:
+    """Refuse truncated voxel data and NaN/inf floats, which ITK's NIfTI reader lets through silently.
+
+    ITK reads a truncated `.nii.gz` without error and turns NaN and infinity into 0, so these checks look at
+    the file itself. An integer `.nii.gz` whose gzip trailer (uncompressed size mod 2^32) matches the header
+    costs nothing; float voxels and a mismatching trailer (truncated, or a multi-member gzip) are streamed once.
+    """
+    if not path.name.endswith(CASE_SUFFIXES) or "vox_offset" not in reader.GetMetaDataKeys():
+        return
+    datatype = int(reader.GetMetaData("datatype"))
+    n_bytes = int(np.prod(reader.GetSize(), dtype=np.int64)) * int(reader.GetMetaData("bitpix")) // 8
+    expected = int(float(reader.GetMetaData("vox_offset"))) + n_bytes
+    if path.name.endswith(".nii"):
+        found = path.stat().st_size
+        if found < expected:
+            raise InputError(f"voxel data truncated: the header needs {expected} bytes, the file has {found}")
+        if datatype in _NIFTI_FLOATS:
+            _scan_floats(path.open("rb"), expected - n_bytes, expected, _NIFTI_FLOATS[datatype])
+        return
+    with path.open("rb") as f:
+        f.seek(-4, os.SEEK_END)
+        trailer_size = struct.unpack("<I", f.read(4))[0]
+    if trailer_size == expected % 2**32 and datatype not in _NIFTI_FLOATS:
+        return
+    try:
+        found = _scan_floats(gzip.open(path, "rb"), expected - n_bytes, expected, _NIFTI_FLOATS.get(datatype))
+    except (EOFError, OSError, zlib.error) as e:
+        raise InputError(f"compressed data truncated or corrupt ({e})") from None
+    if found < expected:
+        raise InputError(f"voxel data truncated: the header needs {expected} bytes, the file holds {found}")
+
+
+def _scan_floats(stream, offset: int, end: int, dtype: str | None) -> int:
+    """Read `stream` to its end; raise if a float voxel in [offset, end) is NaN/inf; return the bytes read."""
+    with stream:
+        head = stream.read(offset)
+        order = "<" if head[:4] == struct.pack("<i", 348) else ">"
+        total, carry, n_bad = len(head), b"", 0
+        item = np.dtype(dtype).itemsize if dtype else 1
+        while chunk := stream.read(_CHUNK_BYTES):
+            total += len(chunk)
+            if dtype is None:
+                continue
+            data = carry + chunk[: max(0, len(chunk) - max(0, total - end))]
+            usable = len(data) - len(data) % item
+            vals = np.frombuffer(data[:usable], dtype=order + dtype)
+            n_bad += int(np.count_nonzero(~np.isfinite(vals)))
+            carry = data[usable:]
+    if n_bad:
+        raise InputError(f"{n_bad} voxels are NaN or infinite")
+    return total
+
+
+def check_finite(image: sitk.Image) -> None:
+    """Float images may hold NaN or infinity, which would poison the mean and std of the normalisation."""
+    if image.GetPixelID() not in _FLOAT_PIXEL_IDS:
+        return
+    vol = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(vol).all():
+        n_bad = int(np.count_nonzero(~np.isfinite(vol)))
+        raise InputError(f"{n_bad} voxels are NaN or infinite")
+
+
+def write_mask(mask: sitk.Image, path: str | Path) -> None:
+    """Write atomically: a hidden temporary file in the same folder, then rename, so no partial output exists."""
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix  # SimpleITK picks the writer by suffix
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        sitk.WriteImage(mask, str(tmp), useCompression=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def is_case_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name.endswith(CASE_SUFFIXES)
+
+
+def list_cases(input_dir: str | Path) -> list[Path]:
+    """Every `*.nii.gz` and `*.nii` directly in `input_dir` (hidden files skipped), sorted by name."""
+    return sorted(p for p in Path(input_dir).iterdir() if is_case_file(p))
+
+
+def output_name(input_path: str | Path) -> str:
+    """`NAME_0000.nii.gz` -> `NAME.nii.gz` (nnU-Net channel suffix); other names are kept."""
+    name = Path(input_path).name
+    suffix = next(s for s in CASE_SUFFIXES if name.endswith(s))
+    stem = name[: -len(suffix)]
+    return re.sub(r"_0000$", "", stem) + suffix

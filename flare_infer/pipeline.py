@@ -1,0 +1,156 @@
+"""The pipeline, and the only place that knows the order of its steps (docs/ARCHITECTURE.md).
+
+    prepare:  image -> canonical orientation (DICOMOrient "LPS") -> linear resampling to the sidecar
+              spacing -> mean/std clip normalisation to [0, 1]
+    predict_volume: slice batches through any `predict_batch` callable -> labels + confidence
+    restore:  labels on the resampled grid -> nearest neighbour onto the input's own grid -> uint8,
+              checked to have exactly the input's size, spacing, origin and direction
+
+Training builds its cache with `prepare` + `label_on_prepared` and makes pseudo-labels with
+`predict_volume`, so training and deployment share one preprocessing. From Python:
+
+    model = flare_infer.session.load_model("weights/student.onnx")
+    mask = predict_case(sitk.ReadImage("ct.nii.gz"), model.predict, model.spec, batch_size=16)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from flare_infer import geometry, io
+from flare_infer.geometry import GridMismatchError
+from flare_infer.postprocess import apply_postprocess
+from flare_infer.predictor import PredictBatch, SliceConfig, predict_slices
+from flare_infer.preprocess import normalise
+from flare_infer.spec import ModelSpec
+
+__all__ = [
+    "PredictBatch",
+    "Prepared",
+    "prepare",
+    "label_on_prepared",
+    "predict_volume",
+    "restore",
+    "predict_case",
+    "predict_file",
+    "CaseResult",
+]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    image: sitk.Image  # the input as read: the grid the mask is restored onto
+    resampled: sitk.Image  # canonical orientation, spec spacing: the grid of vol_zyx (float32, input intensities)
+    vol_zyx: np.ndarray  # float32 (Z, Y, X), normalised to [0, 1]
+
+
+def _check_image(image: sitk.Image) -> None:
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise io.InputError(
+            f"expected a 3D scalar image, found {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} components per voxel"
+        )
+    io.check_finite(image)
+
+
+def prepare(image: sitk.Image, spec: ModelSpec) -> Prepared:
+    """Reorient to LPS, resample (linear) to `spec.spacing_xyz_mm`, normalise as `spec.normalization`."""
+    _check_image(image)
+    # == geometry.resample_ct(geometry.to_canonical(image), ...), without the reoriented copy (tests check it)
+    resampled = geometry.canonical_resample_ct(image, spec.spacing_xyz_mm)
+    vol_zyx = normalise(sitk.GetArrayViewFromImage(resampled), spec.normalization)
+    return Prepared(image=image, resampled=resampled, vol_zyx=vol_zyx)
+
+
+def label_on_prepared(label: sitk.Image, prepared: Prepared) -> np.ndarray:
+    """uint8 (Z, Y, X) labels on `prepared.resampled`'s grid (nearest neighbour) for a label image of the input.
+
+    The label must lie on the input's grid; header round-off up to 1e-4 (mm or direction cosine) is tolerated.
+    """
+    geometry.check_same_grid(prepared.image, label, what="label image", atol=1e-4)
+    label = sitk.Cast(label, sitk.sitkUInt8) if label.GetPixelID() != sitk.sitkUInt8 else label
+    label = sitk.Image(label)  # a copy whose header is made exactly the image's, so the two agree in space
+    label.CopyInformation(prepared.image)
+    return sitk.GetArrayFromImage(geometry.labels_to_grid(label, prepared.resampled))
+
+
+def predict_volume(
+    prepared: Prepared, predict_batch: PredictBatch, spec: ModelSpec, *, batch_size: int, fixed_batch: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels_zyx uint8, confidence_zyx float16) on `prepared.resampled`'s grid."""
+    config = SliceConfig(
+        input_channels=spec.input_channels, batch_size=batch_size, output=spec.output, fixed_batch=fixed_batch
+    )
+    return predict_slices(predict_batch, prepared.vol_zyx, config)
+
+
+def restore(labels_zyx: np.ndarray, prepared: Prepared) -> sitk.Image:
+    """uint8 labels on the input's exact grid; raises `GridMismatchError` if the grid came out different."""
+    if labels_zyx.shape != prepared.vol_zyx.shape:
+        raise GridMismatchError(f"labels shape {labels_zyx.shape} differs from the prepared {prepared.vol_zyx.shape}")
+    mask = geometry.labels_to_image_grid(
+        np.asarray(labels_zyx, np.uint8), geometry.Grid.of(prepared.resampled), prepared.image
+    )
+    geometry.check_same_grid(prepared.image, mask, what="output mask")
+    return mask
+
+
+def predict_case(
+    image: sitk.Image,
+    predict_batch: PredictBatch,
+    spec: ModelSpec,
+    *,
+    batch_size: int,
+    postprocess: str = "none",
+    fixed_batch: bool = False,
+) -> sitk.Image:
+    """CT image in memory -> uint8 mask on the same grid."""
+    prepared = prepare(image, spec)
+    labels_zyx, _ = predict_volume(prepared, predict_batch, spec, batch_size=batch_size, fixed_batch=fixed_batch)
+    return restore(apply_postprocess(labels_zyx, postprocess), prepared)
+
+
+@dataclass
+class CaseResult:
+    """What one file went through: seconds per stage, and the mask (kept for a preview)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    image: sitk.Image | None = None
+    mask: sitk.Image | None = None
+
+    def timed(self, stage: str, start: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] = now - start
+        return now
+
+
+def predict_file(
+    input_path: Path,
+    output_path: Path,
+    predict_batch: PredictBatch,
+    spec: ModelSpec,
+    *,
+    batch_size: int,
+    postprocess: str = "none",
+    fixed_batch: bool = False,
+) -> CaseResult:
+    """Read, prepare, infer, restore, write atomically; the stage times are what the CLI logs."""
+    result = CaseResult()
+    t = time.perf_counter()
+    image = io.read_ct(input_path)
+    t = result.timed("read", t)
+    prepared = prepare(image, spec)
+    t = result.timed("preprocess", t)
+    labels_zyx, _ = predict_volume(prepared, predict_batch, spec, batch_size=batch_size, fixed_batch=fixed_batch)
+    t = result.timed("infer", t)
+    mask = restore(apply_postprocess(labels_zyx, postprocess), prepared)
+    t = result.timed("restore", t)
+    io.write_mask(mask, output_path)
+    result.timed("write", t)
+    result.image, result.mask = image, mask
+    return result

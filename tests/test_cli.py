@@ -1,0 +1,158 @@
+"""The CLI and predict.sh on folders: bad cases named and skipped, good ones written on their grids, exit codes,
+no torch anywhere on the way.
+
+    pytest tests/test_cli.py -x -q
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+from onnx_standin import make_standin_model
+from test_io import write_bad_inputs, write_good_inputs
+
+from flare_infer import io
+from flare_infer.geometry import Grid
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "flare_infer", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_standin_model(tmp_path_factory.mktemp("model"), input_channels=3)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, model):
+    """One CLI run over a folder of good and bad cases, shared by the tests that inspect it."""
+    inputs, outputs = tmp_path_factory.mktemp("in"), tmp_path_factory.mktemp("root") / "out"
+    bad = write_bad_inputs(inputs)
+    good = write_good_inputs(inputs)
+    args = ["--model", str(model), "--device", "cpu", "--batch-size", "4", "--postprocess", "lcc"]
+    result = run_cli("predict", str(inputs), str(outputs), *args)
+    return inputs, outputs, bad, good, result
+
+
+def test_mixed_folder_exits_1_and_names_every_bad_file(mixed_run):
+    _, _, bad, _, result = mixed_run
+    assert result.returncode == 1, result.stderr
+    for name, word in bad.items():
+        lines = [ln for ln in result.stderr.splitlines() if ln.startswith(f"ERROR {name}: ")]
+        assert len(lines) == 1 and word in lines[0], (name, lines, result.stderr[-3000:])
+
+
+def test_mixed_folder_writes_good_cases_on_their_grids_and_nothing_else(mixed_run):
+    inputs, outputs, _, good, result = mixed_run
+    expected = sorted(io.output_name(name) for name in good)
+    assert sorted(p.name for p in outputs.iterdir()) == expected, result.stderr  # no bad output, no temp file
+    for name in good:
+        image, mask = sitk.ReadImage(str(inputs / name)), sitk.ReadImage(str(outputs / io.output_name(name)))
+        assert Grid.of(mask).differences(Grid.of(image), atol=1e-5) == [], name
+        assert mask.GetPixelID() == sitk.sitkUInt8
+        assert sitk.GetArrayViewFromImage(mask).max() > 0, f"{name}: the stand-in labels the body, found nothing"
+
+
+def test_log_has_stage_times_and_the_provider(mixed_run):
+    result = mixed_run[-1]
+    assert "on CPUExecutionProvider" in result.stderr
+    line = next(ln for ln in result.stderr.splitlines() if ln.startswith("thick10mm.nii.gz -> thick10mm.nii.gz"))
+    assert all(stage in line for stage in ("read", "preprocess", "infer", "restore", "write"))
+
+
+@pytest.mark.parametrize("problem", ["missing_input", "empty_input", "unwritable_output", "model_without_sidecar"])
+def test_usage_errors_exit_2_before_any_work(problem, tmp_path, model):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    write_good_inputs(inputs) if problem != "empty_input" else None
+    if problem == "missing_input":
+        inputs = tmp_path / "nowhere"
+    if problem == "unwritable_output":
+        (tmp_path / "a_file").write_text("")
+        outputs = tmp_path / "a_file" / "out"  # below a regular file: cannot be created, even as root
+    if problem == "model_without_sidecar":
+        lone = tmp_path / "lone.onnx"
+        lone.write_bytes(model.read_bytes())
+        model = lone
+    result = run_cli("predict", str(inputs), str(outputs), "--model", str(model))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert not outputs.exists() or not any(outputs.iterdir())
+
+
+def test_shard_takes_every_nth_case(tmp_path, model):
+    inputs = tmp_path / "in"
+    names = sorted(write_good_inputs(inputs))[:4]
+    for extra in sorted(write_good_inputs(inputs))[4:]:
+        (inputs / extra).unlink()
+    result = run_cli("predict", str(inputs), str(tmp_path / "out"), "--model", str(model), "--shard", "1/2")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(io.output_name(n) for n in names[1::2])
+
+
+def test_predict_never_imports_torch(tmp_path, model):
+    inputs = tmp_path / "in"
+    write_good_inputs(inputs)
+    code = (
+        "import sys, flare_infer\n"
+        "from flare_infer.__main__ import app\n"
+        f"try: app(['predict', {str(inputs)!r}, {str(tmp_path / 'out')!r}, '--model', {str(model)!r}])\n"
+        "except SystemExit as e: print('exit', e.code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.stdout.split() == ["exit", "0", "False"], result.stderr[-2000:]
+
+
+def test_predict_sh_keeps_relative_paths_of_the_caller(tmp_path, model):
+    (tmp_path / "cases").mkdir()
+    write_good_inputs(tmp_path / "cases")
+    for name in list((tmp_path / "cases").iterdir())[1:]:
+        name.unlink()
+    env = {**os.environ, "PYTHON": sys.executable, "FLARE_MODEL": str(model), "FLARE_ARGS": "--device cpu"}
+    result = subprocess.run(
+        ["sh", str(REPO / "predict.sh"), "cases", "results/deep"], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "results/deep").glob("*.nii*"))) == 1
+
+
+def test_missing_default_weights_say_how_to_make_them(tmp_path, monkeypatch):
+    from flare_infer import __main__ as cli
+
+    monkeypatch.setattr(cli, "default_model_candidates", lambda: [tmp_path / "weights/student.onnx"])
+    with pytest.raises(cli.UsageError, match="python -m training.export"):
+        cli.resolve_model(None)
+
+
+def test_sidecar_that_does_not_match_the_onnx_input_is_refused_at_start(tmp_path):
+    from flare_infer.session import load_model
+    from flare_infer.spec import ModelSpec, SpecError, load_spec
+
+    onnx_path = make_standin_model(tmp_path, input_channels=3)
+    wrong = ModelSpec(input_channels=1, extra=load_spec(onnx_path).extra)  # the graph takes 3 channels
+    wrong.save(onnx_path.with_suffix(".json"))
+    with pytest.raises(SpecError, match=r"input must be \(N, 1, H, W\)"):
+        load_model(onnx_path, device="cpu")
+
+
+def test_device_cuda_without_cuda_is_a_usage_error(tmp_path, model):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the refusal cannot be shown here")
+    write_good_inputs(tmp_path / "in")
+    result = run_cli("predict", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(model), "--device", "cuda")
+    assert result.returncode == 2 and "CUDA" in result.stderr, result.stderr
