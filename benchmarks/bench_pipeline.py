@@ -7,7 +7,8 @@ Timing: a generated int16 CT (body, organs, bone, noise; 0.8 x 0.8 x 2.5 mm) is 
 (the pipeline's own, from a warm-up run) written with plain SimpleITK (the floor), then run through
 `flare_infer.pipeline.predict_file`, alternating, `--repeats` times; medians are reported. The network
 is a numpy threshold stand-in, timed as `infer` and excluded:
-the ratio is (read + preprocess + restore + write) / (read + write).
+the ratio is (read + preprocess + restore + write) / (read + write), both of medians and per repeat
+(each repeat's own side-by-side pair; the median of those is the number to quote on a loaded machine).
 Peak RSS: a fresh subprocess runs the same file-to-file prediction through onnxruntime with the
 threshold stand-in ONNX (tests/onnx_standin.py), and reports `ru_maxrss`.
 """
@@ -99,9 +100,13 @@ def timing(slices: int, repeats: int, workdir: Path) -> None:
     stages = {k: statistics.median(o[k] for o in ours) for k in ours[0]}
     floor_total = med["read"] + med["write"]
     ours_total = sum(stages[k] for k in NON_NETWORK)
+    # each repeat's ratio from its own side-by-side pair: on a shared machine, load moves both together
+    pairs = zip(floors, ours, strict=True)
+    ratios = sorted(sum(o[k] for k in NON_NETWORK) / (f["read"] + f["write"]) for f, o in pairs)
     print(f"\n512 x 512 x {slices} int16 CT ({ct_path.stat().st_size / 1e6:.0f} MB gz), median of {repeats} runs")
     print(f"floor  (SimpleITK read + write): {floor_total:.2f} s  (read {med['read']:.2f}, write {med['write']:.2f})")
     print(f"ours   (without the network):    {ours_total:.2f} s  ratio {ours_total / floor_total:.2f}")
+    print(f"ratio per repeat: median {statistics.median(ratios):.2f}, all {[round(r, 2) for r in ratios]}")
     print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + "  (infer: numpy stand-in, excluded)")
 
 

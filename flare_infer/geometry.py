@@ -9,12 +9,14 @@ to interpolation. Used by `flare_infer.pipeline`.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 
 CANONICAL = "LPS"
+_SLAB = 4  # input slices per block of the in-plane interpolation: a few MB, cache-sized
 
 
 class GridMismatchError(RuntimeError):
@@ -142,17 +144,58 @@ def canonical_resample_ct(image: sitk.Image, spacing_xyz: tuple[float, float, fl
     d_in = np.asarray(image.GetDirection(), float).reshape(3, 3)
     start = d_in.T @ (np.asarray(grid.origin_xyz) - np.asarray(image.GetOrigin()))  # grid's first voxel, input frame
     ratios = [grid.size_xyz[axes[a]] / image.GetSize()[a] for a in range(3)]
-    # shrinking axes first (less work afterwards); on ties the slower-varying axis first (take copies whole rows)
-    for a in sorted(range(3), key=lambda a: (ratios[a], -a)):
-        b = axes[a]
-        cont = (start[a] + signs[a] * grid.spacing_xyz[b] * np.arange(grid.size_xyz[b])) / image.GetSpacing()[a]
-        vol = _interp_axis(vol, 2 - a, cont, outside)
+    cont = [
+        (start[a] + signs[a] * grid.spacing_xyz[axes[a]] * np.arange(grid.size_xyz[axes[a]])) / image.GetSpacing()[a]
+        for a in range(3)
+    ]
+    # The in-plane axes (input axes x, y = numpy axes 2, 1) slab by slab: the temporaries of a slab stay in cache
+    # instead of being fresh, page-faulted arrays of the whole volume, and numpy releases the GIL, so slabs run in
+    # ITK's number of threads (`--threads`). Shrinking axis first (less work afterwards); on ties the gather along
+    # x first, on the narrower int16 data. Both measured: docs/PERFORMANCE.md, "Pipeline stages". Input z last.
+    in_plane = sorted((0, 1), key=lambda a: (ratios[a], a))
+    out = np.empty((vol.shape[0], len(cont[1]), len(cont[0])), np.float32)
+
+    def in_plane_slab(z0: int) -> None:
+        slab = vol[z0 : z0 + _SLAB]
+        for a in in_plane:
+            slab = _interp_axis(slab, 2 - a, cont[a], outside)
+        out[z0 : z0 + _SLAB] = slab
+
+    in_threads(in_plane_slab, range(0, vol.shape[0], _SLAB))
+    vol = _interp_z(out, cont[2], outside)
     # numpy axis 2 - a now runs along grid axis axes[a]; grid numpy axis j is grid axis 2 - j
     order = [2 - axes.index(2 - j) for j in range(3)]
     out = sitk.GetImageFromArray(np.ascontiguousarray(vol.transpose(order), np.float32))
     out.SetOrigin(grid.origin_xyz)
     out.SetSpacing(grid.spacing_xyz)
     out.SetDirection(grid.direction)
+    return out
+
+
+def in_threads(fn, items) -> None:
+    """`fn(item)` for every item, in ITK's number of threads (`--threads`; numpy releases the GIL while it works)."""
+    items = list(items)
+    n_threads = max(1, min(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(), len(items)))
+    if n_threads == 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(n_threads) as pool:
+        list(pool.map(fn, items))  # list(): re-raises an item's exception here
+
+
+def _interp_z(vol: np.ndarray, cont: np.ndarray, outside: float) -> np.ndarray:
+    """`_interp_axis(vol, 0, cont, outside)` in blocks of rows (numpy axis 1), in threads."""
+    lo = np.floor(cont)
+    if vol.shape[0] > 1 and np.array_equal(lo, np.arange(len(cont))) and not (cont - lo).any():
+        return vol  # the same slice positions: nothing to interpolate
+    out = np.empty((len(cont), *vol.shape[1:]), np.float32)
+    rows = max(1, (1 << 21) // max(1, vol.shape[0] * vol.shape[2] * 4))  # about 2 MB of input per block
+
+    def block(y0: int) -> None:
+        out[:, y0 : y0 + rows] = _interp_axis(vol[:, y0 : y0 + rows], 0, cont, outside)
+
+    in_threads(block, range(0, vol.shape[1], rows))
     return out
 
 
@@ -237,11 +280,24 @@ def labels_to_image_grid(labels_zyx: np.ndarray, labels_grid: Grid, image: sitk.
     idx_xyz = nearest_indices(image, labels_grid, axes, signs)
     # numpy axis of labels_zyx holding grid axis b is 2 - b; output numpy axes are image axes (z, y, x) = (2, 1, 0)
     vol = labels_zyx.transpose([2 - axes[a] for a in (2, 1, 0)])
-    for np_axis, a in enumerate((2, 1, 0)):
-        idx = idx_xyz[a]
-        vol = vol.take(np.clip(idx, 0, None), axis=np_axis)
-        if (idx < 0).any():  # voxel centres outside the labels' field of view are background
-            vol[(slice(None),) * np_axis + (idx < 0,)] = 0
+    out_zyx = np.empty([len(idx_xyz[a]) for a in (2, 1, 0)], np.uint8)
+    z_blocks = range(0, out_zyx.shape[0], _SLAB)
+
+    def block(z0: int) -> None:  # a few output slices at a time (cache-sized), in threads
+        block_vol = vol
+        # the slices, then the last numpy axis while still narrow (a gather along it is the slowest lookup), then
+        # whole rows; an axis whose lookup is the identity is not copied at all
+        for np_axis in (0, 2, 1):
+            idx = idx_xyz[2 - np_axis][z0 : z0 + _SLAB] if np_axis == 0 else idx_xyz[2 - np_axis]
+            if np_axis and len(idx) == block_vol.shape[np_axis] and np.array_equal(idx, np.arange(len(idx))):
+                continue
+            block_vol = block_vol.take(np.clip(idx, 0, None), axis=np_axis)
+            if (idx < 0).any():  # voxel centres outside the labels' field of view are background
+                block_vol[(slice(None),) * np_axis + (idx < 0,)] = 0
+        out_zyx[z0 : z0 + _SLAB] = block_vol
+
+    in_threads(block, z_blocks)
+    vol = out_zyx
     out = sitk.GetImageFromArray(np.ascontiguousarray(vol, np.uint8))
     out.CopyInformation(image)
     return out
