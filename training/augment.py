@@ -1,0 +1,90 @@
+"""The paper's augmentations of labelled slices (albumentations 2.x), image and masks moved together.
+
+    pytest tests/test_augment.py
+
+Interface (stable):
+
+    AugmentConfig(p_hflip=0.5, p_vflip=0.5, p_rotate=0.5, rotate_limit=90.0, p_elastic=0.2, p_grid=0.2, p_optical=0.2)
+    Augmenter(cfg, seed=None)(image_chw float32, label_hw uint8, weight_hw float32 | None)
+        -> (image_chw, label_hw, weight_hw | None)
+
+The label and the optional per-pixel `weight` map (the student's confidence mask) are passed as
+albumentations masks, so they get the same geometric transform with nearest interpolation; the
+image is interpolated linearly. Borders filled with 0 (the normalised minimum, background label,
+weight 0: voxels moved in from outside the slice do not count).
+The paper gives the transforms but not their probabilities; the defaults here are ours: flips and
+rotation at 0.5, the three distortions at 0.2 (they are the slow ones, ~2-5 ms per 256 x 256 slice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import albumentations as A
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    p_hflip: float = 0.5
+    p_vflip: float = 0.5
+    p_rotate: float = 0.5
+    rotate_limit: float = 90.0  # degrees, +/-
+    p_elastic: float = 0.2
+    p_grid: float = 0.2
+    p_optical: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("p_hflip", "p_vflip", "p_rotate", "p_elastic", "p_grid", "p_optical"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"AugmentConfig.{name} is a probability in [0, 1]; found {p}")
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.p_hflip, self.p_vflip, self.p_rotate, self.p_elastic, self.p_grid, self.p_optical))
+
+
+def build_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compose:
+    fill = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
+    nearest = {"mask_interpolation": cv2.INTER_NEAREST}
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=cfg.p_hflip),
+            A.VerticalFlip(p=cfg.p_vflip),
+            A.Rotate(limit=cfg.rotate_limit, p=cfg.p_rotate, **fill, **nearest),
+            A.ElasticTransform(p=cfg.p_elastic, **fill, **nearest),
+            A.GridDistortion(p=cfg.p_grid, **fill, **nearest),
+            A.OpticalDistortion(p=cfg.p_optical, **fill, **nearest),
+        ],
+        additional_targets={"weight": "mask"},
+        seed=seed,
+    )
+
+
+class Augmenter:
+    """Callable applying one random draw of the transforms to an image (C, H, W) and its masks (H, W)."""
+
+    def __init__(self, cfg: AugmentConfig = AugmentConfig(), seed: int | None = None) -> None:  # noqa: B008
+        self.cfg = cfg
+        self.transform = build_transform(cfg, seed)
+
+    def reseed(self, seed: int) -> None:
+        """Called once per DataLoader worker so workers do not repeat each other's draws."""
+        self.transform.set_random_seed(seed)
+
+    def __call__(
+        self, image_chw: np.ndarray, label_hw: np.ndarray, weight_hw: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        kw = {"image": np.ascontiguousarray(image_chw.transpose(1, 2, 0)), "mask": label_hw}  # HWC for albumentations
+        if weight_hw is not None:
+            kw["weight"] = weight_hw
+        out = self.transform(**kw)
+        image = out["image"]
+        image = image[:, :, None] if image.ndim == 2 else image  # cv2 drops a single channel axis
+        return (
+            np.ascontiguousarray(image.transpose(2, 0, 1)),
+            np.ascontiguousarray(out["mask"]),
+            None if weight_hw is None else np.ascontiguousarray(out["weight"]),
+        )

@@ -1,0 +1,306 @@
+"""One training loop for both phases: epochs, poly LR, AMP, DDP, checkpoints, resume, metrics, curves.
+
+    (used by python -m training.teacher and python -m training.student)
+
+Interface (stable; the student builds on it):
+
+    LoopConfig(epochs, lr=2e-4, adam_betas=(0.5, 0.999), poly_power=0.9, amp=True, val_every=1,
+               monitor="val_dsc", seed=0)                                   # frozen
+    make_optimizer(model, cfg) -> Adam;  make_scheduler(optimizer, total_steps, power) -> LambdaLR (per step)
+    prepare_model(model, rt) -> model on device (channels-last on GPU, DDP-wrapped when distributed)
+    fit(model, optimizer, scheduler, step_fn, batches, cfg, run_dir, rt, *,
+        validate_fn=None, meta=None, resume=False) -> history (list of per-epoch dicts)
+    load_checkpoint_model / load_model(checkpoint_path, device) -> (model in eval mode, UNetConfig, ModelSpec)
+
+    step_fn(model, item, ctx: StepContext) -> (loss tensor, slices in this step)
+        `item` is whatever `batches(epoch)` yields (the teacher: one labelled batch; the student: a
+        (labelled, pseudo-labelled) pair). Called inside autocast; moves tensors with ctx.to_device.
+    batches(epoch) -> iterable of items for one epoch (sets its DistributedSampler's epoch); its
+        len() (if any) sizes the progress bar.
+    validate_fn(model, epoch) -> {"val_dsc": ...}: runs on rank 0 only, on the unwrapped model in
+        eval mode, every cfg.val_every epochs and at the last epoch.
+
+Checkpoints (RUN_DIR/last.pt every epoch, RUN_DIR/best.pt when cfg.monitor improves; both written
+atomically by rank 0): model state, meta (the caller's "model_config", "spec", "train_config"),
+metrics history, epoch, optimizer, scheduler and grad-scaler state, git commit. `resume=True`
+restarts after the last completed epoch of last.pt, so a kill loses at most one epoch.
+Per-epoch metrics go to RUN_DIR/metrics.csv and RUN_DIR/curves.png (rewritten from the history).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from flare_infer.spec import ModelSpec
+from training.model import UNet, UNetConfig
+from training.utils import Runtime, amp_dtype, barrier, git_commit
+
+# Test hook: with TRAINING_STOP_AFTER_EPOCH=N the process dies (no cleanup, exit 137) after epoch N's
+# checkpoint, which is what a kill at that moment leaves behind; tests use it to check --resume.
+STOP_ENV = "TRAINING_STOP_AFTER_EPOCH"
+KILLED_EXIT = 137
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    epochs: int = 3000
+    lr: float = 2e-4
+    adam_betas: tuple[float, float] = (0.5, 0.999)
+    poly_power: float = 0.9  # lr = lr0 * (1 - step / total) ** power, per optimizer step
+    amp: bool = True  # autocast bf16 (fp16 + grad scaling where bf16 is missing) on GPU; ignored on CPU
+    val_every: int = 1  # epochs between validations (always at the last epoch)
+    monitor: str = "val_dsc"  # validation metric maximised for best.pt
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.lr <= 0 or self.val_every < 1:
+            raise ValueError(f"LoopConfig needs epochs >= 1, lr > 0, val_every >= 1; found {self}")
+
+
+@dataclass
+class StepContext:
+    rt: Runtime
+    epoch: int
+    step: int
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.rt.device, non_blocking=True)
+        if self.rt.is_cuda and t.ndim == 4 and t.is_floating_point():
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+
+StepFn = Callable[[nn.Module, Any, StepContext], tuple[torch.Tensor, int]]
+
+
+def make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: float = 0.9):
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - min(s, total) / total) ** power)
+
+
+def prepare_model(model: nn.Module, rt: Runtime) -> nn.Module:
+    model = model.to(rt.device)
+    if rt.is_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    if rt.distributed:
+        ids = [rt.device.index] if rt.is_cuda else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _state(model, optimizer, scheduler, scaler, epoch, history, best, meta) -> dict:
+    return {
+        "model": unwrap(model).state_dict(),
+        **meta,
+        "metrics": history,
+        "epoch": epoch,  # last completed epoch (0-based)
+        "best_score": best,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "git_commit": git_commit(),
+    }
+
+
+def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, UNetConfig, ModelSpec]:
+    """The U-Net of a checkpoint in eval mode on `device`, with its config and ModelSpec."""
+    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    for key in ("model", "model_config", "spec"):
+        if key not in ckpt:
+            raise KeyError(f"{checkpoint_path}: not a training checkpoint (no {key!r}); expected last.pt/best.pt")
+    cfg = UNetConfig(**ckpt["model_config"])
+    model = UNet(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), cfg, ModelSpec.from_dict(ckpt["spec"], source=str(checkpoint_path))
+
+
+# ----------------------------------------------------------------------------- metrics
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+    _plot(run_dir / "curves.png", history)
+
+
+def _plot(path: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ep = [r["epoch"] for r in history]
+    ax[0].plot(ep, [r["train_loss"] for r in history], label="train loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].set_yscale("log")
+    ax[0].legend()
+    val_keys = sorted({k for r in history for k in r if k.startswith("val_")})
+    for k in val_keys:
+        pts = [(r["epoch"], r[k]) for r in history if r.get(k) not in (None, "")]
+        ax[1].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=k)
+    ax[1].set_xlabel("epoch")
+    ax[1].legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _mean_over_ranks(value: float, rt: Runtime) -> float:
+    if not rt.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return t.item() / rt.world_size
+
+
+# ----------------------------------------------------------------------------- the loop
+def _progress(rt: Runtime) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not rt.is_main,
+    )  # fmt: skip
+
+
+def _train_epoch(model, optimizer, scheduler, scaler, step_fn, items, ctx, progress, task, dtype):
+    """One epoch; returns (mean loss, slices per second)."""
+    model.train()
+    total_loss, n_steps, n_slices, t0 = 0.0, 0, 0, time.perf_counter()
+    autocast = torch.autocast(ctx.rt.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    for item in items:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss, slices = step_fn(model, item, ctx)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"epoch {ctx.epoch} step {ctx.step}: loss is {loss.item()}; lower --lr or try --no-amp"
+            )
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        ctx.step += 1
+        n_steps, n_slices, total_loss = n_steps + 1, n_slices + slices, total_loss + loss.item()
+        rate = n_slices * ctx.rt.world_size / (time.perf_counter() - t0)
+        info = f"loss {total_loss / n_steps:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  {rate:.1f} slices/s"
+        progress.update(task, advance=1, info=info)
+    return total_loss / max(n_steps, 1), n_slices * ctx.rt.world_size / (time.perf_counter() - t0)
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    step_fn: StepFn,
+    batches: Callable[[int], Iterable],
+    cfg: LoopConfig,
+    run_dir: str | Path,
+    rt: Runtime,
+    *,
+    validate_fn: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    meta: dict | None = None,
+    resume: bool = False,
+) -> list[dict]:
+    """Train `model` (already through `prepare_model`) for cfg.epochs; see the module docstring."""
+    run_dir = Path(run_dir)
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"loop_config": asdict(cfg), **(meta or {})}
+    dtype = amp_dtype(rt, cfg.amp)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
+    history, best, start, step = [], None, 0, 0
+    if resume:
+        history, best, start, step = _resume(run_dir, model, optimizer, scheduler, scaler, rt)
+    with _progress(rt) as progress:
+        for epoch in range(start, cfg.epochs):
+            items = batches(epoch)
+            total = len(items) if hasattr(items, "__len__") else None
+            task = progress.add_task(f"{run_dir.name} epoch {epoch + 1}/{cfg.epochs}", total=total, info="")
+            ctx = StepContext(rt, epoch, step)
+            loss, rate = _train_epoch(model, optimizer, scheduler, scaler, step_fn, items, ctx, progress, task, dtype)
+            step = ctx.step
+            progress.remove_task(task)
+            row = {"epoch": epoch + 1, "train_loss": _mean_over_ranks(loss, rt), "lr": scheduler.get_last_lr()[0],
+                   "slices_per_s": rate}  # fmt: skip
+            if validate_fn is not None and rt.is_main and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                net = unwrap(model).eval()
+                with torch.no_grad():
+                    row.update(validate_fn(net, epoch))
+            history.append(row)
+            best = _end_epoch(run_dir, model, optimizer, scheduler, scaler, epoch, history, best, meta, cfg, rt)
+            if rt.is_main:
+                progress.console.print(", ".join(_fmt(k, v) for k, v in row.items()))
+            barrier(rt)
+            if os.environ.get(STOP_ENV) == str(epoch + 1):
+                os._exit(KILLED_EXIT)  # test hook: die like a kill, right after this epoch's checkpoint
+    return history
+
+
+def _fmt(key: str, value) -> str:
+    return f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+
+
+def _end_epoch(run_dir, model, optimizer, scheduler, scaler, epoch, history, best, meta, cfg, rt):
+    """Write metrics and checkpoints (rank 0); return the best monitored score so far."""
+    if not rt.is_main:
+        return best
+    row = history[-1]
+    score = row.get(cfg.monitor)
+    improved = score is not None and (best is None or score > best)
+    best = score if improved else best
+    state = _state(model, optimizer, scheduler, scaler, epoch, history, best, meta)
+    save_checkpoint(run_dir / "last.pt", state)
+    if improved or best is None:  # no validation yet: best.pt is the latest
+        save_checkpoint(run_dir / "best.pt", state)
+    write_metrics(run_dir, history)
+    return best
+
+
+def _resume(run_dir: Path, model, optimizer, scheduler, scaler, rt: Runtime):
+    path = run_dir / "last.pt"
+    if not path.is_file():
+        return [], None, 0, 0
+    ckpt = torch.load(path, map_location=rt.device, weights_only=False)
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    epoch = int(ckpt["epoch"])
+    if rt.is_main:
+        print(f"resuming {run_dir} after epoch {epoch + 1}")
+    return list(ckpt["metrics"]), ckpt.get("best_score"), epoch + 1, int(scheduler.last_epoch)
+
+
+def total_steps(epochs: int, steps_per_epoch: int) -> int:
+    return epochs * max(1, math.ceil(steps_per_epoch))

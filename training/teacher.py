@@ -1,0 +1,319 @@
+"""Phase one: five fold U-Nets, scored on their validation volumes; the best three are the teacher.
+
+    python -m training.teacher --data data/phantoms --out runs/teacher                 # all 5 folds
+    python -m training.teacher --data DIR --out RUN --folds 3                          # one fold (a job)
+    python -m training.teacher --data DIR --out RUN --select-only                      # join the folds
+    torchrun --nproc_per_node=8 -m training.teacher --data DIR --out RUN --folds 0     # DDP
+
+Outputs in RUN_DIR: splits.json (5-fold 80/20, seeded), fold_K/{last.pt, best.pt, metrics.csv,
+curves.png, score.json}, teacher.json:
+
+    {"members": [{"fold": 2, "checkpoint": "fold_2/best.pt", "score": 0.91}, ...3],
+     "folds": [{"fold": 0, "score": ...}, ...], "spec": {ModelSpec dict}, "git_commit": "..."}
+
+`load_teacher(teacher_json, device)` returns a `predict_batch` callable (np (N, C, H, W) float32 ->
+np (N, 14, H, W) float32 mean softmax of the members), which `flare_infer.pipeline.predict_volume`
+runs with a spec whose output is "probabilities" (`teacher_spec(teacher_json)`).
+
+A fold's score is the mean 3D DSC over the 13 organs (`mean_organ_dsc`: FLARE22's empty-mask rule,
+no NSD, no axial cut; see there why), averaged over its validation cases and computed on the cached
+(resampled, canonical) volumes: the same preprocessing as deployment, without the final resampling
+back to the input grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from torch import nn
+
+from flare_infer.labels import NUM_CLASSES
+from flare_infer.predictor import SliceConfig as PredictSliceConfig
+from flare_infer.predictor import predict_slices
+from flare_infer.spec import ModelSpec, Normalization
+from training.augment import AugmentConfig, Augmenter
+from training.data import CachedCase, SliceConfig, SliceDataset, build_cache, discover_labelled, worker_init
+from training.loop import LoopConfig, StepContext, fit, load_model, make_optimizer, make_scheduler, prepare_model
+from training.losses import deep_supervision_loss, eq1_loss
+from training.model import UNet, UNetConfig
+from training.utils import Runtime, barrier, git_commit, seed_everything, setup_runtime, teardown
+
+NUM_FOLDS = 5
+TEACHER_SIZE = 3
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    batch_size: int = 40  # the paper's
+    patch_size: int = 256  # the paper's
+    beta: float = 0.65  # Eq. 1: Dice weight
+    aux_weight: float = 0.1  # deep-supervision head's loss weight
+    spacing_xyz_mm: tuple[float, float, float] = (1.5, 1.5, 2.5)
+    n_std: float = 3.0
+    workers: int = 2  # DataLoader workers (and cache-building processes)
+    val_batch_size: int = 16
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.model.in_channels, self.spacing_xyz_mm, Normalization(n_std=self.n_std))
+
+
+# ----------------------------------------------------------------------------- splits
+def make_splits(names: list[str], seed: int, k: int = NUM_FOLDS) -> list[dict[str, list[str]]]:
+    """k folds: each case in exactly one validation set (sizes differ by at most one), seeded shuffle."""
+    if len(names) < k:
+        raise ValueError(f"{k}-fold cross-validation needs at least {k} labelled cases; found {len(names)}")
+    order = np.random.default_rng(seed).permutation(sorted(names))
+    vals = [sorted(order[i::k].tolist()) for i in range(k)]
+    return [{"train": sorted(set(names) - set(v)), "val": v} for v in vals]
+
+
+def load_or_make_splits(path: Path, names: list[str], seed: int) -> list[dict[str, list[str]]]:
+    if path.is_file():
+        data = json.loads(path.read_text())
+        found = sorted({n for f in data["folds"] for n in f["val"]})
+        if found != sorted(names):
+            raise ValueError(
+                f"{path} splits other cases than {path.parent}'s dataset ({len(found)} vs {len(names)} cases); "
+                "use a new --out or delete splits.json"
+            )
+        return data["folds"]
+    folds = make_splits(names, seed)
+    path.write_text(json.dumps({"seed": seed, "folds": folds}, indent=1) + "\n")
+    return folds
+
+
+# ----------------------------------------------------------------------------- one fold
+def _loader(cases: list[CachedCase], cfg: TeacherConfig, rt: Runtime) -> torch.utils.data.DataLoader:
+    aug = Augmenter(cfg.augment) if cfg.augment.enabled else None
+    ds = SliceDataset(cases, SliceConfig(cfg.model.in_channels, cfg.patch_size), aug)
+    sampler = torch.utils.data.DistributedSampler(ds, seed=cfg.loop.seed) if rt.distributed else None
+    return torch.utils.data.DataLoader(
+        ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=cfg.workers,
+        pin_memory=rt.is_cuda, worker_init_fn=worker_init, persistent_workers=cfg.workers > 0,
+        drop_last=False, multiprocessing_context="forkserver" if cfg.workers > 0 else None,
+    )  # fmt: skip
+
+
+def make_step(cfg: TeacherConfig):
+    def step(model: nn.Module, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, int]:
+        image, label = ctx.to_device(batch["image"]), ctx.to_device(batch["label"])
+        main, aux = model(image)
+        loss = deep_supervision_loss(eq1_loss, main, aux, label, aux_weight=cfg.aux_weight, beta=cfg.beta)
+        return loss, image.shape[0]
+
+    return step
+
+
+def torch_predict_batch(models: list[nn.Module], device: torch.device):
+    """np (N, C, H, W) float32 -> np (N, 14, H, W) float32 mean softmax over `models` (eval, no grad)."""
+
+    def predict_batch(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+        with torch.no_grad():
+            probs = sum(torch.softmax(m(x)[0].float(), dim=1) for m in models) / len(models)
+        return probs.cpu().numpy()
+
+    return predict_batch
+
+
+def score_cases(model: nn.Module, cases: list[CachedCase], cfg: TeacherConfig, device: torch.device) -> list[float]:
+    """Mean organ DSC of each case, predicted slice by slice on its cached volume."""
+    predict = torch_predict_batch([model], device)
+    slice_cfg = PredictSliceConfig(cfg.model.in_channels, cfg.val_batch_size, output="probabilities")
+    scores = []
+    for case in cases:
+        labels_zyx, _ = predict_slices(predict, np.asarray(case.image(), dtype=np.float32), slice_cfg)
+        scores.append(mean_organ_dsc(labels_zyx, np.asarray(case.label())))
+    return scores
+
+
+def mean_organ_dsc(pred_zyx: np.ndarray, gt_zyx: np.ndarray) -> float:
+    """Mean 3D DSC over the 13 organs with FLARE22's empty-mask rule (absent from both: 1, from GT only: 0).
+
+    DSC only: flare_infer.evaluate.evaluate_case also computes NSD, which on an early, noisy
+    prediction costs minutes per volume, and the organisers' axial-range cut (aorta, IVC,
+    oesophagus) is left out; this number ranks folds, the official scores come from
+    `python -m flare_infer.evaluate` on restored masks.
+    """
+    n = NUM_CLASSES
+    confusion = np.bincount(gt_zyx.astype(np.int64).ravel() * n + pred_zyx.ravel(), minlength=n * n).reshape(n, n)
+    inter = np.diag(confusion)[1:].astype(np.float64)
+    total = confusion.sum(0)[1:] + confusion.sum(1)[1:]  # |pred| + |gt| per organ
+    dsc = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+    return float(dsc.mean())
+
+
+def train_fold(fold: int, split: dict, cached: dict[str, CachedCase], cfg: TeacherConfig, out: Path,
+               rt: Runtime, resume: bool) -> float:  # fmt: skip
+    """Train one fold into out/fold_K; return its validation score (best.pt's)."""
+    seed_everything(cfg.loop.seed + fold)
+    run_dir = out / f"fold_{fold}"
+    train_cases = [cached[n] for n in split["train"]]
+    val_cases = [cached[n] for n in split["val"]]
+    loader = _loader(train_cases, cfg, rt)
+    model = prepare_model(UNet(cfg.model), rt)
+    optimizer = make_optimizer(model, cfg.loop)
+    scheduler = make_scheduler(optimizer, cfg.loop.epochs * len(loader), cfg.loop.poly_power)
+
+    def batches(epoch: int):
+        if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        return loader
+
+    def validate(net: nn.Module, epoch: int) -> dict[str, float]:
+        return {"val_dsc": float(np.mean(score_cases(net, val_cases, cfg, rt.device)))}
+
+    meta = {"model_config": cfg.model.to_dict(), "spec": cfg.spec().to_dict(), "train_config": _jsonable(cfg),
+            "fold": fold, "split": split}  # fmt: skip
+    history = fit(model, optimizer, scheduler, make_step(cfg), batches, cfg.loop, run_dir, rt,
+                  validate_fn=validate, meta=meta, resume=resume)  # fmt: skip
+    scores = [r["val_dsc"] for r in history if "val_dsc" in r]
+    score = max(scores) if scores else float("nan")
+    if rt.is_main:
+        (run_dir / "score.json").write_text(json.dumps({"fold": fold, "score": score, "val": split["val"]}) + "\n")
+    barrier(rt)
+    return score
+
+
+# ----------------------------------------------------------------------------- selection, the teacher
+def select_teacher(out: Path, spec: ModelSpec | None = None, k: int = TEACHER_SIZE) -> dict:
+    """Read fold_*/score.json, keep the best k folds, write out/teacher.json."""
+    found = {}
+    for fold in range(NUM_FOLDS):
+        path = out / f"fold_{fold}" / "score.json"
+        if path.is_file():
+            found[fold] = json.loads(path.read_text())["score"]
+    missing = sorted(set(range(NUM_FOLDS)) - set(found))
+    if missing:
+        raise FileNotFoundError(
+            f"{out}: folds {missing} have no score.json (not trained or not finished); "
+            f"run `python -m training.teacher --out {out} --folds {','.join(map(str, missing))}` first"
+        )
+    ranked = sorted(found, key=lambda f: -(found[f] if math.isfinite(found[f]) else -1.0))
+    members = [{"fold": f, "checkpoint": f"fold_{f}/best.pt", "score": found[f]} for f in ranked[:k]]
+    if spec is None:
+        _, _, spec = load_model(out / members[0]["checkpoint"])
+    teacher = {"members": members, "folds": [{"fold": f, "score": found[f]} for f in range(NUM_FOLDS)],
+               "spec": spec.to_dict(), "git_commit": git_commit()}  # fmt: skip
+    (out / "teacher.json").write_text(json.dumps(teacher, indent=2) + "\n")
+    return teacher
+
+
+def load_teacher(teacher_json: str | Path, device: str | torch.device = "cpu"):
+    """predict_batch of the teacher ensemble: np (N, C, H, W) f32 -> np (N, 14, H, W) mean softmax."""
+    path = Path(teacher_json)
+    data = json.loads(path.read_text())
+    models = [load_model(path.parent / m["checkpoint"], device)[0] for m in data["members"]]
+    return torch_predict_batch(models, torch.device(device))
+
+
+def teacher_spec(teacher_json: str | Path) -> ModelSpec:
+    """The members' ModelSpec with output "probabilities" (what load_teacher's callable returns)."""
+    d = json.loads(Path(teacher_json).read_text())["spec"]
+    return ModelSpec.from_dict({**d, "output": "probabilities"}, source=str(teacher_json))
+
+
+def _jsonable(cfg: TeacherConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+# ----------------------------------------------------------------------------- CLI
+def run(data: Path, out: Path, folds: list[int], cfg: TeacherConfig, *, device: str, resume: bool,
+        cache: Path | None, select_only: bool) -> None:  # fmt: skip
+    rt = setup_runtime(device)
+    try:
+        if rt.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        if select_only:
+            if rt.is_main:
+                _print_teacher(select_teacher(out))
+            return
+        cases = discover_labelled(data)
+        spec = cfg.spec()
+        cache_dir = cache or out / "cache"
+        if rt.is_main:
+            build_cache(cases, spec, cache_dir, cfg.workers)
+        barrier(rt)
+        cached = {c.name: c for c in build_cache(cases, spec, cache_dir, quiet=True)}  # all built: paths only
+        if rt.is_main:
+            load_or_make_splits(out / "splits.json", sorted(cached), cfg.loop.seed)
+        barrier(rt)
+        splits = load_or_make_splits(out / "splits.json", sorted(cached), cfg.loop.seed)
+        for fold in folds:
+            train_fold(fold, splits[fold], cached, cfg, out, rt, resume)
+        if rt.is_main and all((out / f"fold_{f}" / "score.json").is_file() for f in range(NUM_FOLDS)):
+            _print_teacher(select_teacher(out, spec))
+    finally:
+        teardown(rt)
+
+
+def _print_teacher(teacher: dict) -> None:
+    members = ", ".join(f"fold {m['fold']} ({m['score']:.4f})" for m in teacher["members"])
+    print(f"teacher: {members}")
+
+
+def _parse_folds(text: str) -> list[int]:
+    try:
+        folds = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise typer.BadParameter(f"--folds takes comma-separated fold numbers like 0,1,2,3,4; found {text!r}") from None
+    if not folds or not all(0 <= f < NUM_FOLDS for f in folds):
+        raise typer.BadParameter(f"--folds must be numbers in 0..{NUM_FOLDS - 1}; found {text!r}")
+    return folds
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    data: Path = typer.Option(None, help="dataset folder: FLARE22 (images/, labels/) or nnU-Net (imagesTr/ ...)"),
+    out: Path = typer.Option(..., help="run folder: splits.json, fold_K/, teacher.json"),
+    folds: str = typer.Option("0,1,2,3,4", help="folds to train in this job"),
+    epochs: int = typer.Option(3000),
+    batch_size: int = typer.Option(40),
+    lr: float = typer.Option(2e-4),
+    beta: float = typer.Option(0.65, help="Eq. 1: weight of the Dice term"),
+    aux_weight: float = typer.Option(0.1, help="deep-supervision loss weight"),
+    width: int = typer.Option(32, help="U-Net base channels"),
+    depth: int = typer.Option(5),
+    in_channels: int = typer.Option(1, help="adjacent slices as channels (odd)"),
+    patch_size: int = typer.Option(256),
+    spacing: str = typer.Option("1.5,1.5,2.5", help="x,y,z mm"),
+    p_flip: float = typer.Option(0.5, help="probability of each flip"),
+    p_rotate: float = typer.Option(0.5),
+    p_distort: float = typer.Option(0.2, help="probability of each of elastic, grid, optical distortion"),
+    val_every: int = typer.Option(50, help="epochs between validations (and at the last epoch)"),
+    device: str = typer.Option("auto", help="auto|cuda|cpu"),
+    amp: bool = typer.Option(True, "--amp/--no-amp"),
+    resume: bool = typer.Option(False, help="continue each fold from its last.pt"),
+    seed: int = typer.Option(0),
+    workers: int = typer.Option(2, help="data loader workers and cache processes"),
+    cache: Path = typer.Option(None, help="preprocessing cache folder (default RUN_DIR/cache)"),
+    select_only: bool = typer.Option(False, help="only pick the best three folds into teacher.json"),
+) -> None:
+    if data is None and not select_only:
+        raise typer.BadParameter("--data is required unless --select-only")
+    cfg = TeacherConfig(
+        loop=LoopConfig(epochs=epochs, lr=lr, amp=amp, val_every=val_every, seed=seed),
+        # no aux head when its weight is 0: DDP refuses parameters that get no gradient
+        model=UNetConfig(in_channels=in_channels, width=width, depth=depth, deep_supervision=aux_weight > 0),
+        augment=AugmentConfig(p_hflip=p_flip, p_vflip=p_flip, p_rotate=p_rotate, p_elastic=p_distort,
+                              p_grid=p_distort, p_optical=p_distort),  # fmt: skip
+        batch_size=batch_size, patch_size=patch_size, beta=beta, aux_weight=aux_weight,
+        spacing_xyz_mm=tuple(float(s) for s in spacing.split(",")), workers=workers,
+    )  # fmt: skip
+    run(data, out, _parse_folds(folds), cfg, device=device, resume=resume, cache=cache, select_only=select_only)
+
+
+if __name__ == "__main__":
+    app()
