@@ -1,0 +1,107 @@
+"""Phase two end to end on a tiny generated set: a tiny phase-one teacher, pseudo-labels, the student, --resume.
+
+    pytest tests/test_student.py -x
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from training.augment import AugmentConfig
+from training.loop import LoopConfig, load_model
+from training.model import UNetConfig
+from training.phantoms import generate_dataset
+from training.student import Alternating, app
+from training.teacher import TeacherConfig
+from training.teacher import run as run_teacher
+
+# Small enough for seconds per run on 2 CPU cores: 8 mm voxels, width 2, 32 x 32 patches, one epoch.
+TINY = ["--width", "2", "--batch-size", "8", "--patch-size", "32", "--workers", "0", "--val-every", "1",
+        "--device", "cpu", "--pseudo-batch-size", "8"]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads make tiny nets ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def phase_one(tmp_path_factory) -> tuple[Path, Path]:
+    """A generated set (5 labelled, 2 unlabelled, 1 validation) and the teacher of a one-epoch phase-one run."""
+    tmp = tmp_path_factory.mktemp("phase2")
+    data = tmp / "data"
+    generate_dataset(data, labelled=5, unlabelled=2, validation=1, size="small", progress=False)
+    cfg = TeacherConfig(loop=LoopConfig(epochs=1, val_every=1), model=UNetConfig(width=2),
+                        augment=AugmentConfig(0, 0, 0, 0, 0, 0, 0), batch_size=8, patch_size=32,
+                        spacing_xyz_mm=(8.0, 8.0, 12.0), workers=0)  # fmt: skip
+    run_teacher(data, tmp / "teacher", [0, 1, 2, 3, 4], cfg, device="cpu", resume=False, cache=None, select_only=False)
+    return data, tmp / "teacher" / "teacher.json"
+
+
+def _student(data: Path, teacher: Path, out: Path, *extra: str):
+    args = ["--data", str(data), "--unlabelled", str(data / "unlabelled"), "--teacher", str(teacher),
+            "--out", str(out), *TINY, *extra]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_student_smoke_run_then_resume_continues(phase_one, tmp_path):
+    data, teacher = phase_one
+    out = tmp_path / "student"
+    _student(data, teacher, out, "--epochs", "1")
+    for name in ("last.pt", "best.pt", "metrics.csv", "curves.png", "pseudo.json"):
+        assert (out / name).is_file(), name
+    first = _rows(out)
+    assert len(first) == 1 and float(first[0]["val_dsc"]) >= 0.0
+    model, cfg, spec = load_model(out / "best.pt")
+    assert cfg.width == 2 and spec.spacing_xyz_mm == (8.0, 8.0, 12.0) and spec.output == "logits"
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    train = ckpt["train_config"]
+    assert train["phase"] == "student" and train["pseudo_cases"] == 2 and train["data"] == str(data)
+    assert ckpt["loop_config"]["lr"] == 1e-5 and tuple(ckpt["loop_config"]["adam_betas"]) == (0.5, 0.999)
+
+    result = _student(data, teacher, out, "--epochs", "2", "--resume")
+    assert "resuming" in result.output
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == first[0]  # epoch 1 kept, not retrained
+
+
+def test_rounds_threshold_drop_and_init_from_teacher(phase_one, tmp_path):
+    data, teacher = phase_one
+    out = tmp_path / "rounds"
+    _student(data, teacher, out, "--epochs", "1", "--rounds", "2", "--confidence-threshold", "0.5",
+             "--drop-disagreeing", "0.5", "--init-from-teacher")  # fmt: skip
+    rounds = json.loads((out / "pseudo.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["teacher"] == str(teacher) and rounds[1]["teacher"] == str(out / "round_1" / "best.pt")
+    assert rounds[0]["store"] != rounds[1]["store"]  # a new teacher never reuses old pseudo-labels
+    assert len(rounds[0]["dropped"]) == 1 and rounds[0]["dropped"] == rounds[1]["dropped"]
+    assert rounds[0]["pseudo_cases"] == rounds[1]["pseudo_cases"] == 1
+    assert (out / "round_1" / "best.pt").is_file() and (out / "best.pt").is_file()
+    store = Path(rounds[1]["store"])
+    assert len(list(store.glob("*.weight-0.5000.npy"))) == 1  # the confidence mask of the kept case
+
+
+def test_each_iteration_is_a_labelled_then_a_pseudo_labelled_batch():
+    labelled, pseudo = [f"L{i}" for i in range(2)], [f"P{i}" for i in range(5)]  # loaders: any iterables with len
+    items = list(Alternating(labelled, pseudo, epoch=0))
+    assert len(Alternating(labelled, pseudo, epoch=0)) == len(items) == 10
+    assert [k for k, _ in items] == ["labelled", "pseudo"] * 5
+    assert [b for _, b in items[1::2]] == pseudo  # one pass over the pseudo-labelled slices
+    assert [b for _, b in items[0::2]] == ["L0", "L1", "L0", "L1", "L0"]  # the labelled loader cycles
