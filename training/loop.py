@@ -169,7 +169,8 @@ def _plot(path: Path, history: list[dict]) -> None:
         pts = [(r["epoch"], r[k]) for r in history if r.get(k) not in (None, "")]
         ax[1].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=k)
     ax[1].set_xlabel("epoch")
-    ax[1].legend()
+    if val_keys:  # no validation yet: an empty legend would only warn
+        ax[1].legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=80)

@@ -1,0 +1,121 @@
+"""training.reproduce: the --quick run end to end (slow, ~2-3 min on 2 cores) and the report's sentences.
+
+    pytest tests/test_reproduce.py -x -q
+    pytest tests/test_reproduce.py -x -q -m "not slow"     # the sentence tests only (seconds)
+"""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flare_infer.labels import ORGANS
+from training.reproduce import bootstrap_ci, compare, paper_claim
+
+
+# ----------------------------------------------------------------------------- the sentences come from the numbers
+def test_compare_says_resolved_when_every_case_improves():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.3, 0.7, 20)
+    text = compare("B", "A", a, a + 0.05 + rng.uniform(0, 0.01, 20), "DSC", 2000)
+    assert "higher" in text and "excludes 0" in text
+
+
+def test_compare_says_unresolved_when_differences_straddle_zero():
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0.3, 0.7, 20)
+    text = compare("B", "A", a, a + rng.normal(0, 0.05, 20), "DSC", 2000)
+    assert "includes 0" in text
+
+
+def test_compare_says_lower_when_worse():
+    a = np.linspace(0.4, 0.6, 12)
+    assert "lower" in compare("B", "A", a, a - 0.1, "DSC", 500)
+
+
+def test_paper_claim_reports_a_reversed_ordering():
+    d = {"single": np.array([0.6, 0.6]), "teacher": np.array([0.5, 0.5]), "student": np.array([0.4, 0.4])}
+    assert "does not reproduce" in paper_claim(d)
+    d = {"single": np.array([0.4, 0.4]), "teacher": np.array([0.5, 0.5]), "student": np.array([0.6, 0.6])}
+    assert "does not reproduce" not in paper_claim(d)
+
+
+def test_bootstrap_interval_contains_the_mean_and_narrows_with_more_cases():
+    rng = np.random.default_rng(2)
+    small, large = rng.normal(0.5, 0.1, 10), rng.normal(0.5, 0.1, 400)
+    lo_s, hi_s = bootstrap_ci(small, 2000)
+    lo_l, hi_l = bootstrap_ci(large, 2000)
+    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+    assert hi_l - lo_l < hi_s - lo_s
+
+
+# ----------------------------------------------------------------------------- --quick end to end
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    results = out / "RESULTS.md"
+    cmd = [sys.executable, "-m", "training.reproduce", "--out", str(out / "run"), "--quick", "--results", str(results)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "run", results, cmd
+
+
+def _section(text: str, title: str) -> list[str]:
+    body = text.split(title, 1)[1].split("\n## ", 1)[0]
+    return [line for line in body.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+
+
+def _numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"[-+]?\d+\.\d+", cell)]
+
+
+@pytest.mark.slow
+def test_quick_run_writes_table4_with_scores_in_unit_range(quick_run):
+    _, results, _ = quick_run
+    rows = _section(results.read_text(), "## Table 4 analogue")
+    assert [r.split("|")[1].strip()[:3] for r in rows] == ["(a)", "(b)", "(c)"]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        dsc, nsd, cases = _numbers(cells[1]), _numbers(cells[2]), int(cells[3])
+        assert len(dsc) == 4 and len(nsd) == 4  # mean, std, interval low, high
+        assert all(0.0 <= v <= 1.0 for v in dsc + nsd), row
+        assert dsc[2] <= dsc[0] <= dsc[3], f"bootstrap interval must contain the mean: {row}"
+        assert cases == 3  # QUICK.validation
+
+
+@pytest.mark.slow
+def test_quick_run_table5_lists_every_organ_with_scores_in_unit_range(quick_run):
+    _, results, _ = quick_run
+    rows = [r for r in _section(results.read_text(), "## Table 5 analogue") if not r.startswith("| organ ")]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names == [o.name for o in ORGANS]
+    for row in rows:
+        values = _numbers(row)
+        assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values[::2]), row
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_ablation_timing_and_command(quick_run):
+    run_dir, results, _ = quick_run
+    text = results.read_text()
+    for what in ("unlabelled cases used", "confidence filtering", "input slices", "largest-component"):
+        assert what in text
+    timing = _section(text, "### Inference time per case")
+    assert {r.split("|")[1].strip() for r in timing} >= {"single", "teacher", "student_onnx"}
+    steps = json.loads((run_dir / "steps.json").read_text())
+    assert steps["teacher"]["command"].startswith("python -m training.teacher ")
+    assert steps["predict_student"]["command"].startswith("python -m flare_infer predict ")
+    assert f"`{steps['student_paper']['command']}`" in text
+
+
+@pytest.mark.slow
+def test_quick_run_resumes_without_redoing_finished_steps(quick_run):
+    run_dir, _, cmd = quick_run
+    before = json.loads((run_dir / "steps.json").read_text())
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "teacher: done before" in proc.stdout and "student_paper: done before" in proc.stdout
+    assert json.loads((run_dir / "steps.json").read_text()) == before

@@ -1,0 +1,533 @@
+"""The paper's Table 4 on generated data: single U-Net vs three-network teacher vs student, with ablations.
+
+    python -m training.reproduce --out runs/reproduce                      # full: <= 60 min on 2 CPU cores
+    python -m training.reproduce --out runs/quick --quick                  # CI: <= 5 min, numbers not meaningful
+    python -m training.reproduce --out runs/reproduce --results docs/RESULTS.md
+
+Steps (each skipped when a previous run of the same RUN_DIR finished it; RUN_DIR/steps.json keeps
+the command lines and durations, RUN_DIR/logs/ their output):
+  1. `python -m training.phantoms`: few labelled cases from the narrow domain, many unlabelled and the
+     validation set from the wide one (FLARE22's structure), fixed seed;
+  2. `python -m training.teacher`: five folds, the best three are the teacher (b);
+  3. the single U-Net (a): one network on *all* labelled cases. The teacher CLI always holds a fold
+     out, so this step calls its library (`training.teacher.train_fold` with every case in "train")
+     in-process, with the teacher's exact configuration;
+  4. `python -m training.student` in the paper's setting (c) and one run per training ablation
+     (all unlabelled cases, confidence filtering, 3-slice input);
+  5. `python -m training.export` of (c), `python -m flare_infer predict` with it (with and without
+     `--postprocess lcc`); (a), (b) and the ablation students predict in-process through
+     `flare_infer.pipeline.predict_case`; every model is also timed per case that way;
+  6. `python -m flare_infer.evaluate` of every prediction folder, then the Markdown report.
+
+No model ever sees the validation set before its final evaluation: folds are chosen on labelled
+cross-validation, the students validate (once, at their last epoch) on the labelled set.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from flare_infer import io
+from flare_infer.labels import ORGANS
+from flare_infer.pipeline import predict_case
+
+SEED = 0
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PAPER_FRACTION = 0.375  # 750 of FLARE22's 2000 unlabelled cases
+PAPER_TABLE4 = {"single": 0.4815, "teacher": 0.4973, "student": 0.5272}  # mean DSC, FLARE22 validation
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Dataset and training sizes of one configuration (see docs/REPRODUCE.md for how they were chosen)."""
+
+    name: str
+    labelled: int
+    unlabelled: int
+    validation: int
+    spacing: str  # x,y,z mm of the networks' grid
+    patch: int
+    width: int
+    depth: int
+    batch: int
+    lr: float  # Adam, both phases: the paper's 2e-4 / 1e-5 are for 3000 / 200 epochs, not a few
+    teacher_epochs: int  # also the single U-Net's
+    student_epochs: int  # an epoch is one pass over the pseudo-labelled slices (plus as many labelled ones)
+    workers: int
+    confidence: float  # threshold of the confidence-filtering ablation
+    bootstrap: int  # resamples for the 95% intervals
+
+
+QUICK = Sizes("quick", labelled=5, unlabelled=4, validation=3, spacing="6,6,8", patch=64, width=8, depth=4, batch=16,
+              lr=1e-3, teacher_epochs=3, student_epochs=2, workers=0, confidence=0.9, bootstrap=2000)  # fmt: skip
+FULL = Sizes("full", labelled=10, unlabelled=24, validation=20, spacing="5,5,6", patch=80, width=16, depth=5, batch=8,
+             lr=1e-3, teacher_epochs=20, student_epochs=7, workers=0, confidence=0.9, bootstrap=10000)  # fmt: skip
+
+# Students: the paper's setting first, then one change each.
+STUDENTS = {
+    "paper": [],
+    "all_unlabelled": ["--unlabelled-fraction", "1.0"],
+    "confidence": ["--confidence-threshold", "{confidence}"],
+    "in3": ["--in-channels", "3"],
+}
+
+
+# ----------------------------------------------------------------------------- steps, resumable
+class Steps:
+    """Runs and records each step once: RUN_DIR/steps.json holds command, seconds, and whether it finished."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.path = out, out / "steps.json"
+        self.done: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+
+    def finished(self, name: str, output: Path) -> bool:
+        return name in self.done and output.exists()
+
+    def record(self, name: str, command: str, seconds: float) -> None:
+        self.done[name] = {"command": command, "seconds": round(seconds, 1)}
+        self.path.write_text(json.dumps(self.done, indent=1) + "\n")
+
+    def module(self, name: str, argv: list[str], output: Path) -> None:
+        """`python -m ARGV...` as a user types it; output is what exists once it has finished."""
+        command = shlex.join(["python", "-m", *argv])
+        if self.finished(name, output):
+            print(f"[reproduce] {name}: done before ({output}), skipped")
+            return
+        print(f"[reproduce] {name}: {command}", flush=True)
+        log = self.out / "logs" / f"{name}.log"
+        t0 = time.perf_counter()
+        with log.open("w") as f:
+            proc = subprocess.run([sys.executable, "-m", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        if proc.returncode != 0:
+            tail = "\n".join(log.read_text().splitlines()[-25:])
+            raise RuntimeError(f"step {name} failed (exit {proc.returncode}): {command}\n--- {log} (tail) ---\n{tail}")
+        self.record(name, command, time.perf_counter() - t0)
+
+    def call(self, name: str, description: str, fn, output: Path) -> None:
+        """An in-process step (no CLI exists for it); description says what was called."""
+        if self.finished(name, output):
+            print(f"[reproduce] {name}: done before ({output}), skipped")
+            return
+        print(f"[reproduce] {name}: {description}", flush=True)
+        t0 = time.perf_counter()
+        fn()
+        self.record(name, description, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- training
+def common_args(s: Sizes, device: str) -> list[str]:
+    return ["--batch-size", str(s.batch), "--lr", str(s.lr), "--width", str(s.width), "--depth", str(s.depth),
+            "--patch-size", str(s.patch), "--workers", str(s.workers), "--seed", str(SEED), "--device", device,
+            "--no-amp"]  # fmt: skip
+
+
+def teacher_argv(data: Path, out: Path, s: Sizes, device: str) -> list[str]:
+    return ["training.teacher", "--data", str(data / "labelled"), "--out", str(out),
+            "--epochs", str(s.teacher_epochs), "--spacing", s.spacing,
+            "--val-every", str(max(1, s.teacher_epochs // 3)), *common_args(s, device)]  # fmt: skip
+
+
+def student_argv(data: Path, teacher_json: Path, out: Path, extra: list[str], s: Sizes, device: str) -> list[str]:
+    # --validation is the labelled set and validated only at the last epoch: best.pt is the last epoch and the
+    # generated validation set stays unseen until the evaluation.
+    extra = [a.format(confidence=s.confidence) for a in extra]
+    if "--unlabelled-fraction" not in extra:
+        extra = ["--unlabelled-fraction", str(PAPER_FRACTION), *extra]
+    return ["training.student", "--data", str(data / "labelled"), "--unlabelled", str(data / "unlabelled"),
+            "--teacher", str(teacher_json), "--out", str(out), "--validation", str(data / "labelled"),
+            "--epochs", str(s.student_epochs), "--val-every", str(s.student_epochs), *common_args(s, device),
+            *extra]  # fmt: skip
+
+
+def train_single_unet(data: Path, out: Path, cache: Path, s: Sizes, device: str) -> Path:
+    """(a): one U-Net on every labelled case, phase one's configuration; returns its last.pt.
+
+    `python -m training.teacher` always holds a fold out, so this uses its library: `train_fold` with
+    every case in "train". It validates on the same (training) cases once, at the last epoch, so the
+    generated validation set stays unseen; the result is last.pt.
+    """
+    from training.augment import AugmentConfig
+    from training.data import build_cache, discover_labelled
+    from training.loop import LoopConfig
+    from training.model import UNetConfig
+    from training.teacher import TeacherConfig, train_fold
+    from training.utils import setup_runtime, teardown
+
+    cfg = TeacherConfig(
+        loop=LoopConfig(epochs=s.teacher_epochs, lr=s.lr, amp=False, val_every=s.teacher_epochs, seed=SEED),
+        model=UNetConfig(in_channels=1, width=s.width, depth=s.depth, deep_supervision=True),
+        augment=AugmentConfig(), batch_size=s.batch, patch_size=s.patch,
+        spacing_xyz_mm=tuple(float(v) for v in s.spacing.split(",")), workers=s.workers,
+    )  # fmt: skip
+    rt = setup_runtime(device)
+    try:
+        cached = {c.name: c for c in build_cache(discover_labelled(data / "labelled"), cfg.spec(), cache, s.workers)}
+        names = sorted(cached)
+        train_fold(0, {"train": names, "val": names}, cached, cfg, out, rt, resume=False)
+    finally:
+        teardown(rt)
+    return out / "fold_0" / "last.pt"
+
+
+# ----------------------------------------------------------------------------- inference, timed
+@dataclass(frozen=True)
+class Model:
+    """A model as predict_case runs it: loaded lazily so only one is in memory at a time."""
+
+    name: str
+    kind: str  # "torch" (checkpoint), "teacher" (teacher.json), "onnx"
+    path: Path
+
+
+def load_for_inference(model: Model, device: str):
+    """(predict_batch, spec) of a checkpoint, a teacher.json or an ONNX file."""
+    import torch
+
+    from training.loop import load_model
+    from training.teacher import load_teacher, teacher_spec, torch_predict_batch
+
+    if model.kind == "onnx":
+        from flare_infer.session import load_model as load_onnx
+
+        m = load_onnx(model.path, device="cpu", threads=torch.get_num_threads())
+        return m.predict, m.spec
+    torch_device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    if model.kind == "teacher":
+        return load_teacher(model.path, torch_device), teacher_spec(model.path)
+    net, _, spec = load_model(model.path, torch_device)
+    return torch_predict_batch([net], torch.device(torch_device)), replace(spec, output="probabilities")
+
+
+def predict_folder(model: Model, images: list[Path], out_dir: Path, device: str, batch_size: int = 16) -> list[float]:
+    """Masks of every image into out_dir; returns the seconds of predict_case per case (no reading/writing)."""
+    predict_batch, spec = load_for_inference(model, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds = []
+    for path in images:
+        image = io.read_ct(path)
+        t0 = time.perf_counter()
+        mask = predict_case(image, predict_batch, spec, batch_size=batch_size)
+        seconds.append(time.perf_counter() - t0)
+        io.write_mask(mask, out_dir / io.output_name(path))
+    return seconds
+
+
+# ----------------------------------------------------------------------------- scores and statistics
+def read_scores(csv_path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{"dsc": {organ short: (cases,)}, "nsd": ...} from `python -m flare_infer.evaluate --csv`."""
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{csv_path}: no cases scored; expected one row per validation case")
+    out = {}
+    for metric, suffix in (("dsc", "_DSC"), ("nsd", "_NSD")):
+        out[metric] = {o.short: np.array([float(r[o.short + suffix] or "nan") for r in rows]) for o in ORGANS}
+    out["names"] = [r["Name"] for r in rows]
+    return out
+
+
+def case_means(scores: dict, metric: str) -> np.ndarray:
+    """Per case: the mean over the 13 organs (FLARE22's summary), shape (cases,)."""
+    return np.nanmean(np.stack([scores[metric][o.short] for o in ORGANS]), axis=0)
+
+
+def bootstrap_ci(values: np.ndarray, n: int, seed: int = SEED) -> tuple[float, float]:
+    """95% percentile interval of the mean, resampling cases."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@dataclass(frozen=True)
+class Summary:
+    mean: float
+    std: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of(cls, values: np.ndarray, n_boot: int) -> Summary:
+        lo, hi = bootstrap_ci(values, n_boot)
+        return cls(float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, lo, hi, len(values))
+
+    def cell(self) -> str:
+        return f"{self.mean:.4f} ± {self.std:.4f} [{self.lo:.4f}, {self.hi:.4f}]"
+
+
+def difference(a: np.ndarray, b: np.ndarray, n_boot: int) -> tuple[float, float, float, bool]:
+    """b - a per case: mean, paired 95% bootstrap interval, and whether that interval excludes 0."""
+    diff = b - a
+    lo, hi = bootstrap_ci(diff, n_boot)
+    return float(diff.mean()), lo, hi, bool(lo > 0 or hi < 0)
+
+
+def compare(subject: str, reference: str, a: np.ndarray, b: np.ndarray, metric: str, n_boot: int) -> str:
+    """A sentence from the numbers: `subject` (b) against `reference` (a), paired over cases."""
+    mean, lo, hi, resolved = difference(a, b, n_boot)
+    direction = "higher" if mean > 0 else "lower" if mean < 0 else "no different"
+    verdict = ("excludes 0: a difference this sample resolves" if resolved
+               else "includes 0: not distinguishable from case-to-case variation on this sample")  # fmt: skip
+    few = f" With only {len(a)} cases the interval itself is rough." if len(a) < 10 else ""
+    return (f"{subject} is {abs(mean):.4f} {direction} in mean {metric} than {reference} "
+            f"(paired 95% bootstrap interval of the difference [{lo:+.4f}, {hi:+.4f}], which {verdict}).{few}")
+
+
+# ----------------------------------------------------------------------------- the report
+def machine() -> dict:
+    import torch
+
+    model = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": model, "cores": cores, "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
+            "os": platform.platform(), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
+
+
+def table4(results: dict, n_boot: int) -> list[str]:
+    lines = ["| model | mean DSC ± std [95% CI] | mean NSD ± std [95% CI] | cases | paper (FLARE22 val., DSC) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    labels = {"single": "(a) single U-Net, all labelled", "teacher": "(b) teacher: 3-network ensemble",
+              "student": "(c) student (paper's setting)"}  # fmt: skip
+    for key, label in labels.items():
+        d, n = Summary.of(case_means(results[key], "dsc"), n_boot), Summary.of(case_means(results[key], "nsd"), n_boot)
+        lines.append(f"| {label} | {d.cell()} | {n.cell()} | {d.n} | {PAPER_TABLE4[key]:.4f} |")
+    return lines
+
+
+def paper_claim(d: dict[str, np.ndarray]) -> str:
+    """The paper's ordering (a) < (b) < (c) in mean DSC: does this run show it?"""
+    order = sorted(d, key=lambda k: d[k].mean())
+    shown = order == ["single", "teacher", "student"]
+    names = {"single": "(a)", "teacher": "(b)", "student": "(c)"}
+    ranking = " < ".join(names[k] for k in order)
+    verdict = ("reproduces in the means (the intervals above say whether the gaps are resolved)" if shown
+               else "does not reproduce")  # fmt: skip
+    return f"Ordering of the means here: {ranking}; the paper's is (a) < (b) < (c), which this run {verdict}."
+
+
+def mean_std(values: np.ndarray) -> str:
+    std = np.nanstd(values, ddof=1) if np.isfinite(values).sum() > 1 else 0.0
+    return f"{np.nanmean(values):.4f} ± {std:.4f}"
+
+
+def table5(scores: dict) -> list[str]:
+    lines = ["| organ | DSC mean ± std | NSD mean ± std |", "|---|---|---|"]
+    for o in ORGANS:
+        d, n = scores["dsc"][o.short], scores["nsd"][o.short]
+        lines.append(f"| {o.name} | {mean_std(d)} | {mean_std(n)} |")
+    return lines
+
+
+ABLATIONS = (  # (what, paper's setting, its result key, ours, its result key)
+    ("unlabelled cases used", f"fraction {PAPER_FRACTION}", "student", "all (1.0)", "all_unlabelled"),
+    ("pseudo-label confidence filtering", "off", "student", "threshold {confidence}", "confidence"),
+    ("input slices", "1 (2D)", "student", "3 adjacent (2.5D)", "in3"),
+    ("largest-component clean-up", "off", "student", "on (--postprocess lcc)", "student_lcc"),
+)
+
+
+def ablation_table(results: dict, s: Sizes) -> tuple[list[str], list[str]]:
+    lines = ["| change | paper's setting: DSC | ours: DSC | difference [paired 95% CI] | paper's: NSD | ours: NSD |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    sentences = []
+    for what, paper, key_p, ours, key_o in ABLATIONS:
+        ours = ours.format(confidence=s.confidence)
+        a, b = case_means(results[key_p], "dsc"), case_means(results[key_o], "dsc")
+        mean, lo, hi, _ = difference(a, b, s.bootstrap)
+        na, nb = case_means(results[key_p], "nsd"), case_means(results[key_o], "nsd")
+        lines.append(f"| {what}: {paper} -> {ours} | {a.mean():.4f} | {b.mean():.4f} | {mean:+.4f} "
+                     f"[{lo:+.4f}, {hi:+.4f}] | {na.mean():.4f} | {nb.mean():.4f} |")  # fmt: skip
+        sentences.append("- " + compare(f"With {what} {ours}, the student", "in the paper's setting", a, b, "DSC",
+                                        s.bootstrap))
+    return lines, sentences
+
+
+def timing_table(timings: dict[str, list[float]]) -> list[str]:
+    lines = ["| model | seconds per case (mean ± std) | cases |", "|---|---|---|"]
+    for name, secs in timings.items():
+        lines.append(f"| {name} | {np.mean(secs):.2f} ± {np.std(secs):.2f} | {len(secs)} |")
+    return lines
+
+
+def write_report(path: Path, out: Path, s: Sizes, results: dict, timings: dict, steps: Steps, argv: list[str]) -> None:
+    d = {k: case_means(results[k], "dsc") for k in ("single", "teacher", "student")}
+    ab_lines, ab_sentences = ablation_table(results, s)
+    m = machine()
+    total = sum(v["seconds"] for v in steps.done.values())
+    text = [
+        "# Table 4 on generated data: single U-Net vs teacher ensemble vs student",
+        "",
+        f"Produced by `{shlex.join(['python', '-m', 'training.reproduce', *argv])}` "
+        f"({s.name} configuration); do not edit by hand. How to run it and how the sizes were chosen: "
+        "docs/REPRODUCE.md.",
+        "",
+        f"Data: `python -m training.phantoms`, seed {SEED}: {s.labelled} labelled cases from the narrow (labelled) "
+        f"domain, {s.unlabelled} unlabelled and {s.validation} validation cases from the wide domain. "
+        "Scores: `python -m flare_infer.evaluate` (FLARE22 DSC and NSD) on the validation set, which no model "
+        "saw before; per case the mean over the 13 organs, then mean ± std over cases and a 95% bootstrap "
+        f"interval of the mean ({s.bootstrap} resamples of the cases, seed {SEED}). The paper's column is its "
+        "Table 4 on the real FLARE22 validation set, for orientation only: different data, different sizes.",
+        "",
+        *(["**Quick (CI) configuration: a smoke test of the pipeline; the networks are barely trained and these "
+            "numbers say nothing about the methods.**", ""] if s.name == "quick" else []),
+        "## Table 4 analogue",
+        "",
+        *table4(results, s.bootstrap),
+        "",
+        "- " + compare("The student (c)", "the single U-Net (a)", d["single"], d["student"], "DSC", s.bootstrap),
+        "- " + compare("The student (c)", "the teacher ensemble (b)", d["teacher"], d["student"], "DSC", s.bootstrap),
+        "- " + compare("The teacher ensemble (b)", "the single U-Net (a)", d["single"], d["teacher"], "DSC",
+                       s.bootstrap),
+        "- " + paper_claim(d),
+        "",
+        "## Table 5 analogue: the student (c) per organ",
+        "",
+        *table5(results["student"]),
+        "",
+        "## Ablations, each against the paper's setting (student (c))",
+        "",
+        *ab_lines,
+        "",
+        *ab_sentences,
+        "",
+        "### Inference time per case",
+        "",
+        "`flare_infer.pipeline.predict_case` (preprocess, slices through the network, restore; not reading or "
+        f"writing), one process, {m['cores']} cores, batch 16, each model the same way. student_onnx is (c) as "
+        "the container runs it (ONNX Runtime); the other rows run in torch; teacher is three networks per slice.",
+        "",
+        *timing_table(timings),
+        "",
+        "## Commands, seeds, durations",
+        "",
+        f"Seed {SEED} everywhere (data, folds, training, bootstrap). Run folder `{out}`; logs in `{out}/logs/`.",
+        "",
+        "| step | command | seconds |",
+        "|---|---|---|",
+        *[f"| {k} | `{v['command']}` | {v['seconds']:.0f} |" for k, v in steps.done.items()],
+        f"| total | | {total:.0f} |",
+        "",
+        f"Sizes: `{json.dumps(asdict(s))}`",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in m.items()],
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+
+
+# ----------------------------------------------------------------------------- orchestration
+def train_all(steps: Steps, out: Path, s: Sizes, device: str) -> None:
+    """Data, the teacher (b), the single U-Net (a), the students (c and ablations), the ONNX export of (c)."""
+    data, teacher_dir = out / "data", out / "teacher"
+    steps.module("data", ["training.phantoms", str(data), "--labelled", str(s.labelled), "--unlabelled",
+                          str(s.unlabelled), "--validation", str(s.validation), "--seed", str(SEED), "--size", "small"],
+                 data / "dataset.json")  # fmt: skip
+    steps.module("teacher", teacher_argv(data, teacher_dir, s, device), teacher_dir / "teacher.json")
+    steps.call("single", f"in-process: training.reproduce.train_single_unet(data={data}, out={out / 'single'}, "
+               f"sizes={s.name}) -> training.teacher.train_fold with every labelled case in 'train'",
+               lambda: train_single_unet(data, out / "single", teacher_dir / "cache", s, device),
+               out / "single" / "fold_0" / "last.pt")  # fmt: skip
+    for name, extra in STUDENTS.items():
+        run_dir = out / "students" / name
+        steps.module(f"student_{name}", student_argv(data, teacher_dir / "teacher.json", run_dir, extra, s, device),
+                     run_dir / "best.pt")
+    onnx = out / "models" / "student.onnx"
+    steps.module("export", ["training.export", str(out / "students" / "paper" / "best.pt"), str(onnx)], onnx)
+
+
+def predict_all(steps: Steps, out: Path, device: str) -> dict[str, list[float]]:
+    """(c) through the CLI (with and without clean-up); every model in-process, timed. Returns the timings."""
+    images_dir, pred = out / "data" / "validation" / "images", out / "predictions"
+    onnx = out / "models" / "student.onnx"
+    images = io.list_cases(images_dir)
+    for key, post in (("student", "none"), ("student_lcc", "lcc")):
+        argv = ["flare_infer", "predict", str(images_dir), str(pred / key), "--model", str(onnx),
+                "--postprocess", post, "--device", "cpu"]  # fmt: skip
+        steps.module(f"predict_{key}", argv, pred / key / io.output_name(images[-1]))
+    models = [Model("single", "torch", out / "single" / "fold_0" / "last.pt"),
+              Model("teacher", "teacher", out / "teacher" / "teacher.json"), Model("student_onnx", "onnx", onnx),
+              Model("student_torch", "torch", out / "students" / "paper" / "best.pt"),
+              *[Model(n, "torch", out / "students" / n / "best.pt") for n in STUDENTS if n != "paper"]]  # fmt: skip
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    for model in models:
+        if model.name in timings and (pred / model.name).is_dir():
+            continue
+        t0 = time.perf_counter()
+        timings[model.name] = predict_folder(model, images, pred / model.name, device)
+        steps.record(f"predict_{model.name}", f"in-process: flare_infer.pipeline.predict_case with {model.path}",
+                     time.perf_counter() - t0)
+        steps.done.pop(f"evaluate_{model.name}", None)  # new masks: score them again
+        timings_path.write_text(json.dumps(timings, indent=1) + "\n")
+    return {m.name: timings[m.name] for m in models}
+
+
+def evaluate_all(steps: Steps, out: Path) -> dict[str, dict]:
+    """`python -m flare_infer.evaluate` of every prediction folder; {result key: read_scores(...)}."""
+    gt = out / "data" / "validation" / "labels"
+    (out / "eval").mkdir(exist_ok=True)
+    results = {}
+    for key in ("single", "teacher", "student", "student_lcc", *[n for n in STUDENTS if n != "paper"]):
+        csv_path = out / "eval" / f"{key}.csv"
+        steps.module(f"evaluate_{key}", ["flare_infer.evaluate", str(out / "predictions" / key), str(gt),
+                                         "--csv", str(csv_path), "--workers", "2"], csv_path)  # fmt: skip
+        results[key] = read_scores(csv_path)
+    return results
+
+
+def run(out: Path, s: Sizes, results_md: Path, device: str, argv: list[str]) -> dict:
+    """Every step, then the report; returns {result key: scores} (see read_scores)."""
+    out.mkdir(parents=True, exist_ok=True)
+    steps = Steps(out)
+    train_all(steps, out, s, device)
+    timings = predict_all(steps, out, device)
+    results = evaluate_all(steps, out)
+    write_report(results_md, out, s, results, timings, steps, argv)
+    print(f"[reproduce] wrote {results_md}")
+    return results
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    out: Path = typer.Option(..., help="run folder: data/, teacher/, single/, students/, predictions/, eval/, logs/"),
+    quick: bool = typer.Option(False, help="CI size (minutes, numbers not meaningful)"),
+    results: Path = typer.Option(None, help="the Markdown report (default: docs/RESULTS.md, RUN_DIR/RESULTS.md "
+                                            "with --quick)"),
+    device: str = typer.Option("cpu", help="cpu|cuda|auto, for training and in-process inference"),
+) -> None:
+    sizes = QUICK if quick else FULL
+    results_md = results or (out / "RESULTS.md" if quick else REPO_ROOT / "docs" / "RESULTS.md")
+    argv = ["--out", str(out), *(["--quick"] if quick else []), *(["--results", str(results)] if results else [])]
+    run(out, sizes, results_md, device, argv)
+
+
+if __name__ == "__main__":
+    app()
