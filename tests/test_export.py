@@ -25,13 +25,7 @@ from training.phantoms import WIDE_DOMAIN, generate_case
 SPEC = ModelSpec(input_channels=1, spacing_xyz_mm=(6.0, 6.0, 10.0))  # coarse: small volumes, fast tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads make tiny nets ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _settled_unet(cfg: UNetConfig, seed: int = 0) -> UNet:

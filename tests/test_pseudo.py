@@ -45,13 +45,7 @@ SPEC = ModelSpec(input_channels=1, spacing_xyz_mm=(8.0, 8.0, 12.0))  # coarse: ~
 CPU = Runtime(torch.device("cpu"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads make tiny nets ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_teacher(out: Path, members: int = 3, width: int = 4) -> Path:

@@ -26,13 +26,7 @@ TINY = ["--width", "2", "--batch-size", "8", "--patch-size", "32", "--workers", 
         "--device", "cpu", "--pseudo-batch-size", "8"]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads make tiny nets ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,12 @@ class AugmentConfig:
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"AugmentConfig.{name} is a probability in [0, 1]; found {p}")
 
+    @classmethod
+    def from_cli(cls, p_flip: float, p_rotate: float, p_distort: float) -> AugmentConfig:
+        """The CLIs' three knobs: each flip at p_flip, rotation at p_rotate, each distortion at p_distort."""
+        return cls(p_hflip=p_flip, p_vflip=p_flip, p_rotate=p_rotate, p_elastic=p_distort, p_grid=p_distort,
+                   p_optical=p_distort)  # fmt: skip
+
     @property
     def enabled(self) -> bool:
         return any((self.p_hflip, self.p_vflip, self.p_rotate, self.p_elastic, self.p_grid, self.p_optical))

@@ -177,8 +177,7 @@ def train_single_unet(data: Path, out: Path, cache: Path, s: Sizes, device: str)
     cfg = TeacherConfig(
         loop=LoopConfig(epochs=s.teacher_epochs, lr=s.lr, amp=False, val_every=s.teacher_epochs, seed=SEED),
         model=UNetConfig(in_channels=1, width=s.width, depth=s.depth, deep_supervision=True),
-        augment=AugmentConfig(p_hflip=s.p_flip, p_vflip=s.p_flip, p_rotate=s.p_rotate, p_elastic=s.p_distort,
-                              p_grid=s.p_distort, p_optical=s.p_distort),
+        augment=AugmentConfig.from_cli(s.p_flip, s.p_rotate, s.p_distort),
         batch_size=s.batch, patch_size=s.patch,
         spacing_xyz_mm=tuple(float(v) for v in s.spacing.split(",")), workers=s.workers,
     )  # fmt: skip

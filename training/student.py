@@ -280,8 +280,7 @@ def main(
     cfg = StudentConfig(
         loop=LoopConfig(epochs=epochs, lr=lr, amp=amp, val_every=val_every, seed=seed),
         model=UNetConfig(in_channels=in_channels, width=width, depth=depth),
-        augment=AugmentConfig(p_hflip=p_flip, p_vflip=p_flip, p_rotate=p_rotate, p_elastic=p_distort,
-                              p_grid=p_distort, p_optical=p_distort),
+        augment=AugmentConfig.from_cli(p_flip, p_rotate, p_distort),
         pseudo=PseudoConfig(batch_size=pseudo_batch_size, unlabelled_fraction=unlabelled_fraction,
                             confidence_threshold=confidence_threshold, drop_disagreeing=drop_disagreeing, seed=seed),
         batch_size=batch_size, patch_size=patch_size, beta=beta, aux_weight=aux_weight, augment_pseudo=augment_pseudo,

@@ -307,8 +307,7 @@ def main(
         loop=LoopConfig(epochs=epochs, lr=lr, amp=amp, val_every=val_every, seed=seed),
         # no aux head when its weight is 0: DDP refuses parameters that get no gradient
         model=UNetConfig(in_channels=in_channels, width=width, depth=depth, deep_supervision=aux_weight > 0),
-        augment=AugmentConfig(p_hflip=p_flip, p_vflip=p_flip, p_rotate=p_rotate, p_elastic=p_distort,
-                              p_grid=p_distort, p_optical=p_distort),  # fmt: skip
+        augment=AugmentConfig.from_cli(p_flip, p_rotate, p_distort),
         batch_size=batch_size, patch_size=patch_size, beta=beta, aux_weight=aux_weight,
         spacing_xyz_mm=tuple(float(s) for s in spacing.split(",")), workers=workers,
     )  # fmt: skip
