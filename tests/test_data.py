@@ -12,12 +12,15 @@ from training.augment import AugmentConfig, Augmenter
 from training.data import (
     CachedCase,
     DatasetError,
+    OrganBalancedSampler,
     SliceConfig,
     SliceDataset,
     build_cache,
     cache_root,
     discover_labelled,
     discover_unlabelled,
+    make_sampler,
+    slice_presence,
 )
 
 TINY_SPACING = (3.0, 3.0, 5.0)  # x, y, z mm: the tiny cases' own spacing, so the cache keeps their size
@@ -161,3 +164,51 @@ def test_augmented_items_keep_shapes_and_label_values(tmp_path):
     item = ds[1]
     assert item["image"].shape == (1, 32, 32) and item["label"].dtype.is_floating_point is False
     assert set(np.unique(item["label"].numpy())) <= {0, 1}
+
+
+def _presence(n: int = 200) -> np.ndarray:
+    """n slices: liver (1) on the first 160, a right adrenal (7) on slices 100..109 (5 %), nothing else."""
+    presence = np.zeros((n, 14), bool)
+    presence[:, 0] = True
+    presence[:160, 1] = True
+    presence[100:110, 7] = True
+    return presence
+
+
+def test_oversampling_draws_a_small_organ_as_often_as_a_large_one():
+    presence = _presence()
+    adrenal = presence[:, 7]
+    uniform = np.array(list(OrganBalancedSampler(np.repeat(presence, 50, 0), 0.0)))  # 10000 draws
+    balanced = np.array(list(OrganBalancedSampler(np.repeat(presence, 50, 0), 0.5)))
+    assert abs(np.repeat(adrenal, 50)[uniform].mean() - 0.05) < 0.01
+    # half the draws pick an organ (liver or adrenal, even odds), the other half are uniform: 0.25 + 0.5 * 0.05
+    assert abs(np.repeat(adrenal, 50)[balanced].mean() - 0.275) < 0.02
+
+
+def test_oversampling_ranks_split_one_seeded_list_and_epochs_differ():
+    presence = _presence()
+    whole = OrganBalancedSampler(presence, 0.5, seed=3)
+    ranks = [OrganBalancedSampler(presence, 0.5, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    assert len(whole) == 200 and [len(r) for r in ranks] == [100, 100]
+    listed = list(whole)
+    assert list(ranks[0]) == listed[0::2] and list(ranks[1]) == listed[1::2]
+    whole.set_epoch(1)
+    assert list(whole) != listed and list(OrganBalancedSampler(presence, 0.5, seed=3)) == listed
+
+
+def test_oversample_zero_keeps_the_papers_shuffle_and_bad_fractions_are_refused(tmp_path):
+    ds = SliceDataset([_array_case(tmp_path)], SliceConfig(patch_size=32))
+    assert make_sampler(ds, 0.0, seed=0) is None  # the DataLoader's own shuffle
+    assert isinstance(make_sampler(ds, 0.3, seed=0), OrganBalancedSampler)
+    with pytest.raises(ValueError, match="oversample"):
+        OrganBalancedSampler(_presence(), 1.5)
+
+
+def test_slice_presence_lists_the_classes_of_each_slice(tmp_path):
+    case = _array_case(tmp_path)
+    label = np.zeros((5, 20, 24), np.uint8)
+    label[1, 3, 3], label[3, 0, 0], label[3, 5, 5] = 7, 13, 1
+    np.save(case.label_path, label)
+    presence = slice_presence(case)
+    assert presence.shape == (5, 14)
+    assert [np.flatnonzero(row).tolist() for row in presence] == [[0], [0, 7], [0], [0, 1, 13], [0]]

@@ -80,7 +80,7 @@ def test_rounds_threshold_drop_and_init_from_teacher(phase_one, tmp_path):
     data, teacher = phase_one
     out = tmp_path / "rounds"
     _student(data, teacher, out, "--epochs", "1", "--rounds", "2", "--confidence-threshold", "0.5",
-             "--drop-disagreeing", "0.5", "--init-from-teacher")  # fmt: skip
+             "--drop-disagreeing", "0.5", "--init-from-teacher", "--oversample", "0.5")  # fmt: skip
     rounds = json.loads((out / "pseudo.json").read_text())
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["teacher"] == str(teacher) and rounds[1]["teacher"] == str(out / "round_1" / "best.pt")

@@ -137,11 +137,21 @@ def test_two_process_gloo_torchrun_trains_a_fold(tmp_path):
     data = write_tiny_dataset(tmp_path / "data", 5)
     out = tmp_path / "run"
     module = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training.teacher"]
-    proc = _teacher("--data", str(data), "--out", str(out), "--folds", "1", *TINY, module=module)
+    proc = _teacher("--data", str(data), "--out", str(out), "--folds", "1", "--oversample", "0.5", *TINY, module=module)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _epochs(out / "fold_1") == [1, 2]  # written once, by rank 0
     assert (out / "fold_1" / "best.pt").is_file() and (out / "fold_1" / "score.json").is_file()
     assert not (out / "teacher.json").exists()  # four folds missing: no selection
+
+
+def test_amp_on_cpu_is_bf16_only_where_the_cpu_runs_bf16_natively(monkeypatch):
+    from training import utils
+
+    rt = utils.Runtime(torch.device("cpu"))
+    monkeypatch.setattr(utils, "cpu_has_bf16", lambda: True)
+    assert utils.amp_dtype(rt, True) == torch.bfloat16 and utils.amp_dtype(rt, False) is None
+    monkeypatch.setattr(utils, "cpu_has_bf16", lambda: False)  # emulated bf16 would be slower: float32
+    assert utils.amp_dtype(rt, True) is None
 
 
 def test_mean_organ_dsc_matches_flare_evaluation_on_organs_without_axial_cut():

@@ -7,7 +7,7 @@ Interface (stable; the student builds on it):
     LoopConfig(epochs, lr=2e-4, adam_betas=(0.5, 0.999), poly_power=0.9, amp=True, val_every=1,
                monitor="val_dsc", seed=0)                                   # frozen
     make_optimizer(model, cfg) -> Adam;  make_scheduler(optimizer, total_steps, power) -> LambdaLR (per step)
-    prepare_model(model, rt) -> model on device (channels-last on GPU, DDP-wrapped when distributed)
+    prepare_model(model, rt) -> model on device (channels-last, DDP-wrapped when distributed)
     fit(model, optimizer, scheduler, step_fn, batches, cfg, run_dir, rt, *,
         validate_fn=None, meta=None, resume=False) -> history (list of per-epoch dicts)
     load_checkpoint_model / load_model(checkpoint_path, device) -> (model in eval mode, UNetConfig, ModelSpec)
@@ -60,7 +60,7 @@ class LoopConfig:
     lr: float = 2e-4
     adam_betas: tuple[float, float] = (0.5, 0.999)
     poly_power: float = 0.9  # lr = lr0 * (1 - step / total) ** power, per optimizer step
-    amp: bool = True  # autocast bf16 (fp16 + grad scaling where bf16 is missing) on GPU; ignored on CPU
+    amp: bool = True  # autocast bf16 (GPU: fp16 + grad scaling where bf16 is missing; CPU: only with native bf16)
     val_every: int = 1  # epochs between validations (always at the last epoch)
     monitor: str = "val_dsc"  # validation metric maximised for best.pt
     seed: int = 0
@@ -78,7 +78,7 @@ class StepContext:
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.rt.device, non_blocking=True)
-        if self.rt.is_cuda and t.ndim == 4 and t.is_floating_point():
+        if t.ndim == 4 and t.is_floating_point():  # channels-last: faster convolutions on GPU and CPU alike
             t = t.contiguous(memory_format=torch.channels_last)
         return t
 
@@ -96,9 +96,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: fl
 
 
 def prepare_model(model: nn.Module, rt: Runtime) -> nn.Module:
-    model = model.to(rt.device)
-    if rt.is_cuda:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(rt.device).to(memory_format=torch.channels_last)
     if rt.distributed:
         ids = [rt.device.index] if rt.is_cuda else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -39,7 +39,15 @@ from torch import nn
 
 from flare_infer.spec import ModelSpec
 from training.augment import AugmentConfig, Augmenter
-from training.data import CachedCase, SliceConfig, SliceDataset, build_cache, discover_labelled, worker_init
+from training.data import (
+    CachedCase,
+    SliceConfig,
+    SliceDataset,
+    build_cache,
+    discover_labelled,
+    make_sampler,
+    worker_init,
+)
 from training.loop import LoopConfig, StepContext, fit, load_model, make_optimizer, make_scheduler, prepare_model
 from training.losses import deep_supervision_loss, eq1_loss, eq2_loss
 from training.model import UNet, UNetConfig
@@ -68,6 +76,7 @@ class StudentConfig:
     augment_pseudo: bool = False  # the paper augments labelled slices only
     init_from_teacher: bool = False  # else Kaiming uniform (the paper)
     rounds: int = 1
+    oversample: float = 0.0  # share of slices drawn for an organ chosen uniformly (beyond the paper; 0 = off)
     workers: int = 2
     val_batch_size: int = 16
 
@@ -91,7 +100,7 @@ class Sources:
 def _loader(cases: list[CachedCase], cfg: StudentConfig, augment: bool, rt: Runtime) -> torch.utils.data.DataLoader:
     aug = Augmenter(cfg.augment) if augment and cfg.augment.enabled else None
     ds = SliceDataset(cases, SliceConfig(cfg.model.in_channels, cfg.patch_size), aug)
-    sampler = torch.utils.data.DistributedSampler(ds, seed=cfg.loop.seed) if rt.distributed else None
+    sampler = make_sampler(ds, cfg.oversample, cfg.loop.seed, rt.rank, rt.world_size)
     return torch.utils.data.DataLoader(
         ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=cfg.workers,
         pin_memory=rt.is_cuda, worker_init_fn=worker_init, persistent_workers=cfg.workers > 0,
@@ -100,7 +109,7 @@ def _loader(cases: list[CachedCase], cfg: StudentConfig, augment: bool, rt: Runt
 
 
 def _set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
-    if isinstance(getattr(loader, "sampler", None), torch.utils.data.DistributedSampler):
+    if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # DistributedSampler, OrganBalancedSampler
         loader.sampler.set_epoch(epoch)
 
 
@@ -272,6 +281,9 @@ def main(
     amp: bool = typer.Option(True, "--amp/--no-amp"),
     resume: bool = typer.Option(False, help="continue from last.pt (pseudo-labels done are always kept)"),
     seed: int = typer.Option(0),
+    oversample: float = typer.Option(
+        0.0, help="share of training slices drawn to hold an organ chosen uniformly (small organs oversampled; 0 = "
+        "the paper's uniform shuffle)"),
     workers: int = typer.Option(2, help="data loader workers and cache processes"),
     cache: Path = typer.Option(None, help="preprocessing cache (default: the teacher run's cache/)"),
 ) -> None:
@@ -284,7 +296,7 @@ def main(
         pseudo=PseudoConfig(batch_size=pseudo_batch_size, unlabelled_fraction=unlabelled_fraction,
                             confidence_threshold=confidence_threshold, drop_disagreeing=drop_disagreeing, seed=seed),
         batch_size=batch_size, patch_size=patch_size, beta=beta, aux_weight=aux_weight, augment_pseudo=augment_pseudo,
-        init_from_teacher=init_from_teacher, rounds=rounds, workers=workers,
+        init_from_teacher=init_from_teacher, rounds=rounds, workers=workers, oversample=oversample,
     )  # fmt: skip
     src = Sources(data, unlabelled, teacher, validation, cache or teacher.parent / "cache")
     best = run(src, out, cfg, device=device, resume=resume)

@@ -38,7 +38,15 @@ from flare_infer.predictor import SliceConfig as PredictSliceConfig
 from flare_infer.predictor import predict_slices
 from flare_infer.spec import ModelSpec, Normalization
 from training.augment import AugmentConfig, Augmenter
-from training.data import CachedCase, SliceConfig, SliceDataset, build_cache, discover_labelled, worker_init
+from training.data import (
+    CachedCase,
+    SliceConfig,
+    SliceDataset,
+    build_cache,
+    discover_labelled,
+    make_sampler,
+    worker_init,
+)
 from training.loop import LoopConfig, StepContext, fit, load_model, make_optimizer, make_scheduler, prepare_model
 from training.losses import deep_supervision_loss, eq1_loss
 from training.model import UNet, UNetConfig
@@ -59,6 +67,7 @@ class TeacherConfig:
     aux_weight: float = 0.1  # deep-supervision head's loss weight
     spacing_xyz_mm: tuple[float, float, float] = (1.5, 1.5, 2.5)
     n_std: float = 3.0
+    oversample: float = 0.0  # share of slices drawn for an organ chosen uniformly (beyond the paper; 0 = off)
     workers: int = 2  # DataLoader workers (and cache-building processes)
     val_batch_size: int = 16
 
@@ -95,7 +104,7 @@ def load_or_make_splits(path: Path, names: list[str], seed: int) -> list[dict[st
 def _loader(cases: list[CachedCase], cfg: TeacherConfig, rt: Runtime) -> torch.utils.data.DataLoader:
     aug = Augmenter(cfg.augment) if cfg.augment.enabled else None
     ds = SliceDataset(cases, SliceConfig(cfg.model.in_channels, cfg.patch_size), aug)
-    sampler = torch.utils.data.DistributedSampler(ds, seed=cfg.loop.seed) if rt.distributed else None
+    sampler = make_sampler(ds, cfg.oversample, cfg.loop.seed, rt.rank, rt.world_size)
     return torch.utils.data.DataLoader(
         ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=cfg.workers,
         pin_memory=rt.is_cuda, worker_init_fn=worker_init, persistent_workers=cfg.workers > 0,
@@ -165,7 +174,7 @@ def train_fold(fold: int, split: dict, cached: dict[str, CachedCase], cfg: Teach
     scheduler = make_scheduler(optimizer, cfg.loop.epochs * len(loader), cfg.loop.poly_power)
 
     def batches(epoch: int):
-        if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler, OrganBalancedSampler
             loader.sampler.set_epoch(epoch)
         return loader
 
@@ -297,6 +306,9 @@ def main(
     amp: bool = typer.Option(True, "--amp/--no-amp"),
     resume: bool = typer.Option(False, help="continue each fold from its last.pt"),
     seed: int = typer.Option(0),
+    oversample: float = typer.Option(
+        0.0, help="share of training slices drawn to hold an organ chosen uniformly (small organs oversampled; 0 = "
+        "the paper's uniform shuffle)"),
     workers: int = typer.Option(2, help="data loader workers and cache processes"),
     cache: Path = typer.Option(None, help="preprocessing cache folder (default RUN_DIR/cache)"),
     select_only: bool = typer.Option(False, help="only pick the best three folds into teacher.json"),
@@ -309,7 +321,7 @@ def main(
         model=UNetConfig(in_channels=in_channels, width=width, depth=depth, deep_supervision=aux_weight > 0),
         augment=AugmentConfig.from_cli(p_flip, p_rotate, p_distort),
         batch_size=batch_size, patch_size=patch_size, beta=beta, aux_weight=aux_weight,
-        spacing_xyz_mm=tuple(float(s) for s in spacing.split(",")), workers=workers,
+        spacing_xyz_mm=tuple(float(s) for s in spacing.split(",")), workers=workers, oversample=oversample,
     )  # fmt: skip
     run(data, out, _parse_folds(folds), cfg, device=device, resume=resume, cache=cache, select_only=select_only)
 
