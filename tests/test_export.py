@@ -161,7 +161,13 @@ def test_export_cli_writes_model_and_sidecar(exported, tmp_path):
     app = typer.Typer()
     app.command()(export_module.main)
     ckpt = write_checkpoint(tmp_path / "ckpt" / "best.pt", _settled_unet(UNetConfig(width=2)))
-    result = CliRunner().invoke(app, [str(ckpt), str(tmp_path / "w" / "student.onnx"), "--exporter", "torchscript"])
+    out = str(tmp_path / "w" / "student.onnx")
+    args = [str(ckpt), out, "--exporter", "torchscript", "--note", "trained_on=phantoms, a=b"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "parity" in result.output
-    assert load_spec(tmp_path / "w" / "student.onnx").extra["provenance"]["exporter"].endswith("opset 17")
+    extra = load_spec(tmp_path / "w" / "student.onnx").extra
+    assert extra["provenance"]["exporter"].endswith("opset 17") and extra["trained_on"] == "phantoms, a=b"
+    for bad in ("no-equals-sign", "provenance=overwritten"):
+        result = CliRunner().invoke(app, [str(ckpt), out, "--note", bad])
+        assert result.exit_code != 0 and "--note takes KEY=TEXT" in result.output, result.output

@@ -64,6 +64,7 @@ class ExportConfig:
     fp16: bool = False
     min_fp16_agreement: float = 0.999  # fraction of voxels whose argmax equals the fp32 model's
     dummy_shape: tuple[int, int] = (32, 48)  # (H, W) of the export dummy: not square, so never a CT slice's shape
+    notes: tuple[tuple[str, str], ...] = ()  # (key, text) written as top-level sidecar fields (--note KEY=TEXT)
 
     def __post_init__(self) -> None:
         if self.exporter not in EXPORTERS:
@@ -304,11 +305,12 @@ def export_checkpoint(
                 "(train longer or raise --atol), else try --exporter torchscript and report the model config."
             )
         checks = {"parity_max_abs_diff": diff, "parity_input_shape": list(batch.shape), "parity_tolerance": cfg.atol}
-    write_sidecar(spec, out, {"provenance": prov, "metrics": metrics, "checks": checks})
+    notes = dict(cfg.notes)
+    write_sidecar(spec, out, {"provenance": prov, "metrics": metrics, "checks": checks, **notes})
     report = ExportReport(out, diff, None if diff is None else tuple(batch.shape))
     if not cfg.fp16:
         return report
-    fp16_path, agreement = export_fp16(out, spec, {"provenance": prov, "metrics": metrics}, cfg, images)
+    fp16_path, agreement = export_fp16(out, spec, {"provenance": prov, "metrics": metrics, **notes}, cfg, images)
     return ExportReport(out, diff, report.parity_shape, fp16_path, agreement)
 
 
@@ -341,12 +343,18 @@ def main(
     exporter: str = typer.Option("dynamo", help="dynamo (opset 18) or torchscript (legacy, opset 17)"),
     opset: int = typer.Option(18),
     atol: float = typer.Option(1e-4, help="max abs logit difference onnxruntime vs torch"),
+    note: list[str] = typer.Option(None, help="KEY=TEXT added to the sidecar(s) as a top-level field; repeatable"),
 ) -> None:
     """Export CHECKPOINT to OUT (.onnx) with its sidecar OUT.json; check it against torch."""
     from flare_infer import io
 
     cases = io.list_cases(check_cases) if check_cases is not None else None
-    cfg = ExportConfig(exporter=exporter, opset=opset, check=check, fp16=fp16, atol=atol)
+    notes = tuple(tuple(n.split("=", 1)) for n in note or [])
+    reserved = {"provenance", "metrics", "checks", "fp16", *ModelSpec(1, (1.0, 1.0, 1.0)).to_dict()}
+    bad = [n for n, kv in zip(note or [], notes, strict=True) if len(kv) != 2 or not kv[0] or kv[0] in reserved]
+    if bad:
+        raise typer.BadParameter(f"--note takes KEY=TEXT with a KEY not among {sorted(reserved)}; found {bad}")
+    cfg = ExportConfig(exporter=exporter, opset=opset, check=check, fp16=fp16, atol=atol, notes=notes)
     try:
         report = export_checkpoint(checkpoint, out, cfg, cases)
     except (ExportError, ValueError, KeyError, FileNotFoundError) as e:
