@@ -101,7 +101,8 @@ def test_quick_run_table5_lists_every_organ_with_scores_in_unit_range(quick_run)
 def test_quick_run_reports_every_ablation_timing_and_command(quick_run):
     run_dir, results, _ = quick_run
     text = results.read_text()
-    for what in ("unlabelled cases used", "confidence filtering", "input slices", "largest-component"):
+    ablations = ("unlabelled cases used", "confidence filtering", "input slices", "largest-component", "slice sampling")
+    for what in ablations:
         assert what in text
     timing = _section(text, "### Inference time per case")
     assert {r.split("|")[1].strip() for r in timing} >= {"single", "teacher", "student_onnx"}
@@ -109,6 +110,24 @@ def test_quick_run_reports_every_ablation_timing_and_command(quick_run):
     assert steps["teacher"]["command"].startswith("python -m training.teacher ")
     assert steps["predict_student"]["command"].startswith("python -m flare_infer predict ")
     assert f"`{steps['student_paper']['command']}`" in text
+
+
+@pytest.mark.slow
+def test_quick_run_reports_our_recipe_the_members_and_pseudo_label_quality(quick_run):
+    run_dir, results, _ = quick_run
+    text = results.read_text()
+    ours = _section(text, "## Our recipe")
+    assert [r.split("|")[1].strip() for r in ours] == ["(a) single U-Net", "(c) student, paper's setting",
+                                                       "student, our recipe"]  # fmt: skip
+    assert all(0.0 <= v <= 1.0 for r in ours for v in _numbers(r))
+    members = [r for r in _section(text, "## Where the student's labels come from") if "member, fold" in r]
+    assert len(members) == 3 and all(r.split("|")[2].strip() == "4" for r in members)  # 4/5 of 5 labelled cases
+    quality = json.loads((run_dir / "pseudo_quality.json").read_text())
+    assert len(quality["cases"]) == 4  # QUICK.unlabelled, every case checked against its regenerated truth
+    for case in quality["cases"]:
+        assert 0.0 <= case["mean_dsc"] <= 1.0 and 0.0 <= case["kept_region"] <= 1.0
+        assert set(case["dsc"]) == {o.short for o in ORGANS}
+    assert "Pseudo-labels against the generator's hidden truth on the 4 unlabelled cases" in text
 
 
 @pytest.mark.slow

@@ -74,6 +74,7 @@ class Sizes:
     p_flip: float = 0.0
     p_rotate: float = 0.0
     p_distort: float = 0.1
+    oversample: float = 0.5  # --oversample of the organ-balanced sampling ablation and of "ours"
 
 
 QUICK = Sizes("quick", labelled=5, unlabelled=4, validation=3, spacing="6,6,8", patch=64, width=8, depth=4, batch=16,
@@ -81,12 +82,15 @@ QUICK = Sizes("quick", labelled=5, unlabelled=4, validation=3, spacing="6,6,8", 
 FULL = Sizes("full", labelled=10, unlabelled=24, validation=20, spacing="5,5,6", patch=80, width=16, depth=5, batch=8,
              lr=1e-3, teacher_epochs=20, student_epochs=7, workers=0, confidence=0.9, bootstrap=10000)  # fmt: skip
 
-# Students: the paper's setting first, then one change each.
+# Students: the paper's setting first, then one change each, then every change that helps at once.
 STUDENTS = {
     "paper": [],
     "all_unlabelled": ["--unlabelled-fraction", "1.0"],
     "confidence": ["--confidence-threshold", "{confidence}"],
     "in3": ["--in-channels", "3"],
+    "oversample": ["--oversample", "{oversample}"],
+    "ours": ["--unlabelled-fraction", "1.0", "--confidence-threshold", "{confidence}", "--oversample", "{oversample}",
+             "--init-from-teacher"],
 }
 
 
@@ -148,10 +152,14 @@ def teacher_argv(data: Path, out: Path, s: Sizes, device: str) -> list[str]:
             "--val-every", str(max(1, s.teacher_epochs // 3)), *common_args(s, device)]  # fmt: skip
 
 
+def student_extra(name: str, s: Sizes) -> list[str]:
+    """STUDENTS[name] with the sizes' confidence threshold and oversampling filled in."""
+    return [a.format(confidence=s.confidence, oversample=s.oversample) for a in STUDENTS[name]]
+
+
 def student_argv(data: Path, teacher_json: Path, out: Path, extra: list[str], s: Sizes, device: str) -> list[str]:
     # --validation is the labelled set and validated only at the last epoch: best.pt is the last epoch and the
     # generated validation set stays unseen until the evaluation.
-    extra = [a.format(confidence=s.confidence) for a in extra]
     if "--unlabelled-fraction" not in extra:
         extra = ["--unlabelled-fraction", str(PAPER_FRACTION), *extra]
     return ["training.student", "--data", str(data / "labelled"), "--unlabelled", str(data / "unlabelled"),
@@ -352,6 +360,7 @@ ABLATIONS = (  # (what, paper's setting, its result key, ours, its result key)
     ("pseudo-label confidence filtering", "off", "student", "threshold {confidence}", "confidence"),
     ("input slices", "1 (2D)", "student", "3 adjacent (2.5D)", "in3"),
     ("largest-component clean-up", "off", "student", "on (--postprocess lcc)", "student_lcc"),
+    ("slice sampling", "uniform", "student", "organ-balanced (--oversample {oversample})", "oversample"),
 )
 
 
@@ -360,7 +369,7 @@ def ablation_table(results: dict, s: Sizes) -> tuple[list[str], list[str]]:
              "|---|---|---|---|---|---|"]  # fmt: skip
     sentences = []
     for what, paper, key_p, ours, key_o in ABLATIONS:
-        ours = ours.format(confidence=s.confidence)
+        ours = ours.format(confidence=s.confidence, oversample=s.oversample)
         a, b = case_means(results[key_p], "dsc"), case_means(results[key_o], "dsc")
         mean, lo, hi, _ = difference(a, b, s.bootstrap)
         na, nb = case_means(results[key_p], "nsd"), case_means(results[key_o], "nsd")
@@ -371,6 +380,81 @@ def ablation_table(results: dict, s: Sizes) -> tuple[list[str], list[str]]:
     return lines, sentences
 
 
+def ours_section(results: dict, s: Sizes) -> list[str]:
+    """Every addition at once ("ours") against the paper's student (c) and the single U-Net (a)."""
+    ours = "all unlabelled cases, confidence threshold {c}, --oversample {o}, started from the best teacher member"
+    ours = ours.format(c=s.confidence, o=s.oversample)
+    a, c, o = (case_means(results[k], "dsc") for k in ("single", "student", "ours"))
+    return [
+        "## Our recipe: every addition at once",
+        "",
+        f"The student trained with {ours} (`{shlex.join(student_extra('ours', s))}`), otherwise as (c).",
+        "",
+        "| model | mean DSC ± std [95% CI] | mean NSD ± std [95% CI] |",
+        "|---|---|---|",
+        *[f"| {label} | {Summary.of(case_means(results[k], 'dsc'), s.bootstrap).cell()} | "
+          f"{Summary.of(case_means(results[k], 'nsd'), s.bootstrap).cell()} |"
+          for k, label in (("single", "(a) single U-Net"), ("student", "(c) student, paper's setting"),
+                           ("ours", "student, our recipe"))],
+        "",
+        "- " + compare("Our recipe's student", "the paper's student (c)", c, o, "DSC", s.bootstrap),
+        "- " + compare("Our recipe's student", "the single U-Net (a)", a, o, "DSC", s.bootstrap),
+        "",
+        "Per organ DSC, our recipe's student: "
+        + ", ".join(f"{org.short} {np.nanmean(results['ours']['dsc'][org.short]):.2f}" for org in ORGANS) + ".",
+        "",
+    ]  # fmt: skip
+
+
+def investigation(results: dict, quality: dict, out: Path, s: Sizes) -> list[str]:
+    """Measurements behind "why does the student not beat (a)": the members one by one, the pseudo-labels."""
+    teacher = json.loads((out / "teacher" / "teacher.json").read_text())
+    splits = json.loads((out / "teacher" / "splits.json").read_text())["folds"]
+    single = case_means(results["single"], "dsc")
+    lines = [
+        "## Where the student's labels come from: the teacher's members and its pseudo-labels",
+        "",
+        "Each member is one fold U-Net, trained on 4/5 of the labelled cases for the same epochs as (a) "
+        "(so 4/5 of (a)'s optimizer steps); the student learns from the ensemble's pseudo-labels.",
+        "",
+        "| model | labelled cases seen | fold score (labelled CV) | validation mean DSC ± std [95% CI] |",
+        "|---|---|---|---|",
+        f"| (a) single U-Net | {s.labelled} | - | {Summary.of(single, s.bootstrap).cell()} |",
+    ]
+    for m in teacher["members"]:
+        d = case_means(results[f"member_{m['fold']}"], "dsc")
+        lines.append(f"| teacher member, fold {m['fold']} | {len(splits[m['fold']]['train'])} | {m['score']:.4f} | "
+                     f"{Summary.of(d, s.bootstrap).cell()} |")  # fmt: skip
+    ensemble = Summary.of(case_means(results["teacher"], "dsc"), s.bootstrap)
+    lines.append(f"| (b) teacher ensemble | - | - | {ensemble.cell()} |")
+    best = max(teacher["members"], key=lambda m: case_means(results[f"member_{m['fold']}"], "dsc").mean())
+    best_d = case_means(results[f"member_{best['fold']}"], "dsc")
+    rows = quality["cases"]
+    mean_dsc = np.array([r["mean_dsc"] for r in rows])
+    organ = {o.short: np.mean([r["dsc"][o.short] for r in rows]) for o in ORGANS}
+    lines += [
+        "",
+        "- " + compare(f"The best member on validation (fold {best['fold']})", "the single U-Net (a)", single, best_d,
+                       "DSC", s.bootstrap),
+        "",
+        f"Pseudo-labels against the generator's hidden truth on the {len(rows)} unlabelled cases (the phantoms know "
+        "every label; each case regenerated from its seed and checked against the file): mean organ DSC "
+        f"{mean_dsc.mean():.4f} ± {mean_dsc.std(ddof=1) if len(rows) > 1 else 0.0:.4f}. Per organ: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in organ.items()) + ".",
+        "",
+        f"Confidence >= {s.confidence} keeps {np.mean([r['kept_region'] for r in rows]):.1%} of the voxels where an "
+        f"organ is or is said to be; there the pseudo-label is wrong for {_rate(rows, 'error_confident')} of the "
+        f"kept voxels and {_rate(rows, 'error_unconfident')} of the dropped ones (means over the cases that have any).",
+        "",
+    ]  # fmt: skip
+    return lines
+
+
+def _rate(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows if r[key] is not None]
+    return f"{np.mean(values):.1%}" if values else "none (no such voxel)"
+
+
 def timing_table(timings: dict[str, list[float]]) -> list[str]:
     lines = ["| model | seconds per case (mean ± std) | cases |", "|---|---|---|"]
     for name, secs in timings.items():
@@ -378,7 +462,8 @@ def timing_table(timings: dict[str, list[float]]) -> list[str]:
     return lines
 
 
-def write_report(path: Path, out: Path, s: Sizes, results: dict, timings: dict, steps: Steps, argv: list[str]) -> None:
+def write_report(path: Path, out: Path, s: Sizes, results: dict, timings: dict, steps: Steps, argv: list[str],
+                 quality: dict) -> None:  # fmt: skip
     d = {k: case_means(results[k], "dsc") for k in ("single", "teacher", "student")}
     ab_lines, ab_sentences = ablation_table(results, s)
     m = machine()
@@ -427,6 +512,8 @@ def write_report(path: Path, out: Path, s: Sizes, results: dict, timings: dict, 
         "",
         *timing_table(timings),
         "",
+        *ours_section(results, s),
+        *investigation(results, quality, out, s),
         "## Commands, seeds, durations",
         "",
         f"Seed {SEED} everywhere (data, folds, training, bootstrap). Run folder `{out}`; logs in `{out}/logs/`.",
@@ -459,7 +546,8 @@ def train_all(steps: Steps, out: Path, s: Sizes, device: str) -> None:
                f"sizes={s.name}) -> training.teacher.train_fold with every labelled case in 'train'",
                lambda: train_single_unet(data, out / "single", teacher_dir / "cache", s, device),
                out / "single" / "fold_0" / "last.pt")  # fmt: skip
-    for name, extra in STUDENTS.items():
+    for name in STUDENTS:
+        extra = student_extra(name, s)
         run_dir = out / "students" / name
         steps.module(f"student_{name}", student_argv(data, teacher_dir / "teacher.json", run_dir, extra, s, device),
                      run_dir / "best.pt")
@@ -479,7 +567,9 @@ def predict_all(steps: Steps, out: Path, device: str) -> dict[str, list[float]]:
     models = [Model("single", "torch", out / "single" / "fold_0" / "last.pt"),
               Model("teacher", "teacher", out / "teacher" / "teacher.json"), Model("student_onnx", "onnx", onnx),
               Model("student_torch", "torch", out / "students" / "paper" / "best.pt"),
-              *[Model(n, "torch", out / "students" / n / "best.pt") for n in STUDENTS if n != "paper"]]  # fmt: skip
+              *[Model(n, "torch", out / "students" / n / "best.pt") for n in STUDENTS if n != "paper"],
+              *[Model(f"member_{f}", "torch", out / "teacher" / f"fold_{f}" / "best.pt")
+                for f in member_folds(out)]]  # fmt: skip
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     for model in models:
@@ -494,12 +584,68 @@ def predict_all(steps: Steps, out: Path, device: str) -> dict[str, list[float]]:
     return {m.name: timings[m.name] for m in models}
 
 
+def member_folds(out: Path) -> list[int]:
+    """The folds of the teacher's three members, best first (teacher.json's order)."""
+    return [m["fold"] for m in json.loads((out / "teacher" / "teacher.json").read_text())["members"]]
+
+
+def pseudo_label_quality(out: Path, s: Sizes) -> dict:
+    """The teacher's pseudo-labels against the generator's hidden truth, on every unlabelled case.
+
+    The phantoms know the labels of their "unlabelled" cases: each is regenerated from its seed in
+    dataset.json (checked voxel for voxel against the file on disk), its label brought onto the
+    training grid exactly as the labelled cases' are (`label_on_prepared`), and compared with the
+    stored pseudo-label and confidence of the all_unlabelled student's store (every case, same teacher).
+    """
+    from flare_infer.pipeline import label_on_prepared, prepare
+    from flare_infer.spec import ModelSpec
+    from training.phantoms import WIDE_DOMAIN, generate_case
+
+    store = Path(json.loads((out / "students" / "all_unlabelled" / "pseudo.json").read_text())[0]["store"])
+    spec = ModelSpec.from_dict(json.loads((out / "teacher" / "teacher.json").read_text())["spec"])
+    cases = json.loads((out / "data" / "dataset.json").read_text())["cases"]
+    rows = []
+    for file, case in sorted(cases.items()):
+        if case["split"] != "unlabelled":
+            continue
+        name = file.removesuffix(".nii.gz").removesuffix("_0000")
+        image, label = generate_case(case["seed"], WIDE_DOMAIN, case["size"])
+        on_disk = io.read_ct(out / "data" / "unlabelled" / file)
+        if not np.array_equal(sitk_array(image), sitk_array(on_disk)):
+            raise RuntimeError(f"{file}: regenerating seed {case['seed']} does not give the file on disk")
+        truth = label_on_prepared(label, prepare(on_disk, spec))
+        pseudo = np.load(store / f"{name}.pseudo.npy")
+        confident = np.load(store / f"{name}.confidence.npy") >= round(255 * s.confidence)
+        organ_dsc = {}
+        for o in ORGANS:
+            p, t = pseudo == o.value, truth == o.value
+            total = int(p.sum() + t.sum())
+            organ_dsc[o.short] = 1.0 if total == 0 else float(2 * (p & t).sum() / total)
+        region = (truth > 0) | (pseudo > 0)  # where an organ is or is said to be: background would swamp the rates
+        wrong = pseudo != truth
+        rows.append({
+            "name": name, "dsc": organ_dsc, "mean_dsc": float(np.mean(list(organ_dsc.values()))),
+            "kept_region": float(confident[region].mean()),
+            # None: no voxel on that side of the threshold (a rate of nothing)
+            "error_confident": float(wrong[region & confident].mean()) if (region & confident).any() else None,
+            "error_unconfident": float(wrong[region & ~confident].mean()) if (region & ~confident).any() else None,
+        })  # fmt: skip
+    return {"store": str(store), "threshold": s.confidence, "cases": rows}
+
+
+def sitk_array(image) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayViewFromImage(image)
+
+
 def evaluate_all(steps: Steps, out: Path) -> dict[str, dict]:
     """`python -m flare_infer.evaluate` of every prediction folder; {result key: read_scores(...)}."""
     gt = out / "data" / "validation" / "labels"
     (out / "eval").mkdir(exist_ok=True)
     results = {}
-    for key in ("single", "teacher", "student", "student_lcc", *[n for n in STUDENTS if n != "paper"]):
+    members = [f"member_{f}" for f in member_folds(out)]
+    for key in ("single", "teacher", "student", "student_lcc", *[n for n in STUDENTS if n != "paper"], *members):
         csv_path = out / "eval" / f"{key}.csv"
         steps.module(f"evaluate_{key}", ["flare_infer.evaluate", str(out / "predictions" / key), str(gt),
                                          "--csv", str(csv_path), "--workers", "2"], csv_path)  # fmt: skip
@@ -514,7 +660,12 @@ def run(out: Path, s: Sizes, results_md: Path, device: str, argv: list[str]) -> 
     train_all(steps, out, s, device)
     timings = predict_all(steps, out, device)
     results = evaluate_all(steps, out)
-    write_report(results_md, out, s, results, timings, steps, argv)
+    quality_path = out / "pseudo_quality.json"
+    steps.call("pseudo_quality", "in-process: training.reproduce.pseudo_label_quality (hidden truth of the "
+               "unlabelled phantoms)", lambda: quality_path.write_text(json.dumps(pseudo_label_quality(out, s),
+               indent=1) + "\n"), quality_path)  # fmt: skip
+    quality = json.loads(quality_path.read_text())
+    write_report(results_md, out, s, results, timings, steps, argv, quality)
     print(f"[reproduce] wrote {results_md}")
     return results
 
