@@ -597,9 +597,12 @@ def pseudo_label_quality(out: Path, s: Sizes) -> dict:
     training grid exactly as the labelled cases' are (`label_on_prepared`), and compared with the
     stored pseudo-label and confidence of the all_unlabelled student's store (every case, same teacher).
     """
+    import SimpleITK as sitk
+
     from flare_infer.pipeline import label_on_prepared, prepare
     from flare_infer.spec import ModelSpec
     from training.phantoms import WIDE_DOMAIN, generate_case
+    from training.teacher import organ_dscs
 
     store = Path(json.loads((out / "students" / "all_unlabelled" / "pseudo.json").read_text())[0]["store"])
     spec = ModelSpec.from_dict(json.loads((out / "teacher" / "teacher.json").read_text())["spec"])
@@ -611,16 +614,12 @@ def pseudo_label_quality(out: Path, s: Sizes) -> dict:
         name = file.removesuffix(".nii.gz").removesuffix("_0000")
         image, label = generate_case(case["seed"], WIDE_DOMAIN, case["size"])
         on_disk = io.read_ct(out / "data" / "unlabelled" / file)
-        if not np.array_equal(sitk_array(image), sitk_array(on_disk)):
+        if not np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(on_disk)):
             raise RuntimeError(f"{file}: regenerating seed {case['seed']} does not give the file on disk")
         truth = label_on_prepared(label, prepare(on_disk, spec))
         pseudo = np.load(store / f"{name}.pseudo.npy")
         confident = np.load(store / f"{name}.confidence.npy") >= round(255 * s.confidence)
-        organ_dsc = {}
-        for o in ORGANS:
-            p, t = pseudo == o.value, truth == o.value
-            total = int(p.sum() + t.sum())
-            organ_dsc[o.short] = 1.0 if total == 0 else float(2 * (p & t).sum() / total)
+        organ_dsc = {o.short: float(d) for o, d in zip(ORGANS, organ_dscs(pseudo, truth), strict=True)}
         region = (truth > 0) | (pseudo > 0)  # where an organ is or is said to be: background would swamp the rates
         wrong = pseudo != truth
         rows.append({
@@ -631,12 +630,6 @@ def pseudo_label_quality(out: Path, s: Sizes) -> dict:
             "error_unconfident": float(wrong[region & ~confident].mean()) if (region & ~confident).any() else None,
         })  # fmt: skip
     return {"store": str(store), "threshold": s.confidence, "cases": rows}
-
-
-def sitk_array(image) -> np.ndarray:
-    import SimpleITK as sitk
-
-    return sitk.GetArrayViewFromImage(image)
 
 
 def evaluate_all(steps: Steps, out: Path) -> dict[str, dict]:

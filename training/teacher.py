@@ -44,8 +44,8 @@ from training.data import (
     SliceDataset,
     build_cache,
     discover_labelled,
-    make_sampler,
-    worker_init,
+    make_loader,
+    set_loader_epoch,
 )
 from training.loop import LoopConfig, StepContext, fit, load_model, make_optimizer, make_scheduler, prepare_model
 from training.losses import deep_supervision_loss, eq1_loss
@@ -104,12 +104,8 @@ def load_or_make_splits(path: Path, names: list[str], seed: int) -> list[dict[st
 def _loader(cases: list[CachedCase], cfg: TeacherConfig, rt: Runtime) -> torch.utils.data.DataLoader:
     aug = Augmenter(cfg.augment) if cfg.augment.enabled else None
     ds = SliceDataset(cases, SliceConfig(cfg.model.in_channels, cfg.patch_size), aug)
-    sampler = make_sampler(ds, cfg.oversample, cfg.loop.seed, rt.rank, rt.world_size)
-    return torch.utils.data.DataLoader(
-        ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=cfg.workers,
-        pin_memory=rt.is_cuda, worker_init_fn=worker_init, persistent_workers=cfg.workers > 0,
-        drop_last=False, multiprocessing_context="forkserver" if cfg.workers > 0 else None,
-    )  # fmt: skip
+    return make_loader(ds, batch_size=cfg.batch_size, workers=cfg.workers, oversample=cfg.oversample,
+                       seed=cfg.loop.seed, rt=rt)  # fmt: skip
 
 
 def make_step(cfg: TeacherConfig):
@@ -145,20 +141,25 @@ def score_cases(model: nn.Module, cases: list[CachedCase], cfg: TeacherConfig, d
     return scores
 
 
+def organ_dscs(pred_zyx: np.ndarray, gt_zyx: np.ndarray) -> np.ndarray:
+    """3D DSC of each of the 13 organs (label order) with FLARE22's empty-mask rule (absent from both: 1,
+    from one only: 0), from one confusion matrix."""
+    n = NUM_CLASSES
+    confusion = np.bincount(gt_zyx.astype(np.int64).ravel() * n + pred_zyx.ravel(), minlength=n * n).reshape(n, n)
+    inter = np.diag(confusion)[1:].astype(np.float64)
+    total = confusion.sum(0)[1:] + confusion.sum(1)[1:]  # |pred| + |gt| per organ
+    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+
+
 def mean_organ_dsc(pred_zyx: np.ndarray, gt_zyx: np.ndarray) -> float:
-    """Mean 3D DSC over the 13 organs with FLARE22's empty-mask rule (absent from both: 1, from GT only: 0).
+    """Mean of `organ_dscs` over the 13 organs.
 
     DSC only: flare_infer.evaluate.evaluate_case also computes NSD, which on an early, noisy
     prediction costs minutes per volume, and the organisers' axial-range cut (aorta, IVC,
     oesophagus) is left out; this number ranks folds, the official scores come from
     `python -m flare_infer.evaluate` on restored masks.
     """
-    n = NUM_CLASSES
-    confusion = np.bincount(gt_zyx.astype(np.int64).ravel() * n + pred_zyx.ravel(), minlength=n * n).reshape(n, n)
-    inter = np.diag(confusion)[1:].astype(np.float64)
-    total = confusion.sum(0)[1:] + confusion.sum(1)[1:]  # |pred| + |gt| per organ
-    dsc = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
-    return float(dsc.mean())
+    return float(organ_dscs(pred_zyx, gt_zyx).mean())
 
 
 def train_fold(fold: int, split: dict, cached: dict[str, CachedCase], cfg: TeacherConfig, out: Path,
@@ -174,8 +175,7 @@ def train_fold(fold: int, split: dict, cached: dict[str, CachedCase], cfg: Teach
     scheduler = make_scheduler(optimizer, cfg.loop.epochs * len(loader), cfg.loop.poly_power)
 
     def batches(epoch: int):
-        if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler, OrganBalancedSampler
-            loader.sampler.set_epoch(epoch)
+        set_loader_epoch(loader, epoch)
         return loader
 
     def validate(net: nn.Module, epoch: int) -> dict[str, float]:
