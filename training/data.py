@@ -10,7 +10,9 @@ Interface (stable; the student builds on it):
     cache_root(spec, cache_dir) -> Path                   # cache_dir/<hash of the preprocessing fields>
     CachedCase(name, image_path, label_path=None, weight_path=None).image() / .label() / .weight()
     SliceDataset(cases, SliceConfig(...), augmenter=None) -> {"image": (C, P, P) f32, "label": (P, P) i64[, "weight"]}
-    make_sampler(dataset, oversample, seed, rt) -> Sampler | None   # None: the loader shuffles (the paper)
+    make_sampler(dataset, oversample, seed, rank, world_size) -> Sampler | None   # None: the loader shuffles
+    make_loader(dataset, batch_size=, workers=, oversample=, seed=, rt=) -> DataLoader  # both phases' training loader
+    set_loader_epoch(loader, epoch)                        # reseed its sampler (no-op for the plain shuffle)
     OrganBalancedSampler(presence, fraction, seed, rank, world_size)  # per-organ slice oversampling
 
 Layouts accepted (the first that matches):
@@ -50,6 +52,7 @@ from flare_infer import io
 from flare_infer.labels import NUM_CLASSES
 from flare_infer.spec import ModelSpec
 from training.augment import Augmenter
+from training.utils import Runtime
 
 
 class DatasetError(ValueError):
@@ -351,6 +354,23 @@ def make_sampler(dataset: SliceDataset, oversample: float, seed: int, rank: int 
     if world_size > 1:
         return torch.utils.data.DistributedSampler(dataset, seed=seed)
     return None
+
+
+def make_loader(dataset: SliceDataset, *, batch_size: int, workers: int, oversample: float, seed: int,
+                rt: Runtime) -> torch.utils.data.DataLoader:  # fmt: skip
+    """The training DataLoader of both phases: `make_sampler`'s sampler (or a shuffle), per-worker seeds."""
+    sampler = make_sampler(dataset, oversample, seed, rt.rank, rt.world_size)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, num_workers=workers,
+        pin_memory=rt.is_cuda, worker_init_fn=worker_init, persistent_workers=workers > 0,
+        drop_last=False, multiprocessing_context="forkserver" if workers > 0 else None,
+    )  # fmt: skip
+
+
+def set_loader_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
+    """Reseed the loader's sampler for `epoch` (DistributedSampler, OrganBalancedSampler); a shuffle needs nothing."""
+    if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)
 
 
 def worker_init(worker_id: int) -> None:

@@ -45,8 +45,8 @@ from training.data import (
     SliceDataset,
     build_cache,
     discover_labelled,
-    make_sampler,
-    worker_init,
+    make_loader,
+    set_loader_epoch,
 )
 from training.loop import LoopConfig, StepContext, fit, load_model, make_optimizer, make_scheduler, prepare_model
 from training.losses import deep_supervision_loss, eq1_loss, eq2_loss
@@ -100,17 +100,8 @@ class Sources:
 def _loader(cases: list[CachedCase], cfg: StudentConfig, augment: bool, rt: Runtime) -> torch.utils.data.DataLoader:
     aug = Augmenter(cfg.augment) if augment and cfg.augment.enabled else None
     ds = SliceDataset(cases, SliceConfig(cfg.model.in_channels, cfg.patch_size), aug)
-    sampler = make_sampler(ds, cfg.oversample, cfg.loop.seed, rt.rank, rt.world_size)
-    return torch.utils.data.DataLoader(
-        ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=cfg.workers,
-        pin_memory=rt.is_cuda, worker_init_fn=worker_init, persistent_workers=cfg.workers > 0,
-        drop_last=False, multiprocessing_context="forkserver" if cfg.workers > 0 else None,
-    )  # fmt: skip
-
-
-def _set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
-    if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # DistributedSampler, OrganBalancedSampler
-        loader.sampler.set_epoch(epoch)
+    return make_loader(ds, batch_size=cfg.batch_size, workers=cfg.workers, oversample=cfg.oversample,
+                       seed=cfg.loop.seed, rt=rt)  # fmt: skip
 
 
 class Alternating:
@@ -124,15 +115,15 @@ class Alternating:
 
     def __iter__(self):
         cycle = 0
-        _set_epoch(self.pseudo, self.epoch)
-        _set_epoch(self.labelled, self.epoch * 1000)
+        set_loader_epoch(self.pseudo, self.epoch)
+        set_loader_epoch(self.labelled, self.epoch * 1000)
         labelled = iter(self.labelled)
         for pseudo_batch in self.pseudo:
             try:
                 labelled_batch = next(labelled)
             except StopIteration:  # fewer labelled slices than pseudo-labelled ones: a new shuffled pass
                 cycle += 1
-                _set_epoch(self.labelled, self.epoch * 1000 + cycle)
+                set_loader_epoch(self.labelled, self.epoch * 1000 + cycle)
                 labelled = iter(self.labelled)
                 labelled_batch = next(labelled)
             yield "labelled", labelled_batch
