@@ -1,10 +1,10 @@
 """The pipeline, and the only place that knows the order of its steps (docs/ARCHITECTURE.md).
 
     prepare:  image -> canonical orientation (DICOMOrient "LPS") -> linear resampling to the sidecar
-              spacing -> mean/std clip normalisation to [0, 1]
+              spacing -> find the body -> crop to its box -> normalise to [0, 1] (the sidecar's kind)
     predict_volume: slice batches through any `predict_batch` callable -> labels + confidence
-    restore:  labels on the resampled grid -> nearest neighbour onto the input's own grid -> uint8,
-              checked to have exactly the input's size, spacing, origin and direction
+    restore:  labels on the body box -> background elsewhere -> nearest neighbour onto the input's own
+              grid -> uint8, checked to have exactly the input's size, spacing, origin and direction
 
 Training builds its cache with `prepare` + `label_on_prepared` and makes pseudo-labels with
 `predict_volume`, so training and deployment share one preprocessing. From Python:
@@ -26,7 +26,7 @@ from flare_infer import geometry, io
 from flare_infer.geometry import GridMismatchError
 from flare_infer.postprocess import apply_postprocess
 from flare_infer.predictor import PredictBatch, SliceConfig, predict_slices
-from flare_infer.preprocess import normalise
+from flare_infer.preprocess import find_body, normalise
 from flare_infer.spec import ModelSpec
 
 __all__ = [
@@ -45,8 +45,20 @@ __all__ = [
 @dataclass(frozen=True)
 class Prepared:
     image: sitk.Image  # the input as read: the grid the mask is restored onto
-    resampled: sitk.Image  # canonical orientation, spec spacing: the grid of vol_zyx (float32, input intensities)
-    vol_zyx: np.ndarray  # float32 (Z, Y, X), normalised to [0, 1]
+    resampled: sitk.Image  # canonical orientation, spec spacing (float32, input intensities): the whole field of view
+    vol_zyx: np.ndarray  # float32 (Z', Y', X'), normalised to [0, 1]: resampled's voxels in box_zyx
+    box_zyx: tuple[slice, slice, slice]  # the body's box on resampled's (Z, Y, X) array; outside it is background
+    notes: tuple[str, ...] = ()  # one log line each (no body found, not Hounsfield units, ...)
+
+    @property
+    def full_shape_zyx(self) -> tuple[int, int, int]:
+        return tuple(self.resampled.GetSize())[::-1]
+
+    def uncrop(self, labels_zyx: np.ndarray) -> np.ndarray:
+        """uint8 labels on the whole resampled grid: `labels_zyx` (on the box) inside, background outside."""
+        full = np.zeros(self.full_shape_zyx, np.uint8)
+        full[self.box_zyx] = labels_zyx
+        return full
 
 
 def _check_image(image: sitk.Image) -> None:
@@ -59,30 +71,42 @@ def _check_image(image: sitk.Image) -> None:
 
 
 def prepare(image: sitk.Image, spec: ModelSpec) -> Prepared:
-    """Reorient to LPS, resample (linear) to `spec.spacing_xyz_mm`, normalise as `spec.normalization`."""
+    """Reorient to LPS, resample (linear) to `spec.spacing_xyz_mm`, crop to the body, normalise (`spec`)."""
     _check_image(image)
     # == geometry.resample_ct(geometry.to_canonical(image), ...), without the reoriented copy (tests check it)
     resampled = geometry.canonical_resample_ct(image, spec.spacing_xyz_mm)
-    vol_zyx = normalise(sitk.GetArrayViewFromImage(resampled), spec.normalization)
-    return Prepared(image=image, resampled=resampled, vol_zyx=vol_zyx)
+    hu_zyx = sitk.GetArrayViewFromImage(resampled)
+    body = find_body(hu_zyx, spec.spacing_xyz_mm)
+    vol_zyx = normalise(hu_zyx, spec.normalization, body)
+    return Prepared(image=image, resampled=resampled, vol_zyx=vol_zyx, box_zyx=body.box_zyx, notes=body.notes)
 
 
 def label_on_prepared(label: sitk.Image, prepared: Prepared) -> np.ndarray:
-    """uint8 (Z, Y, X) labels on `prepared.resampled`'s grid (nearest neighbour) for a label image of the input.
+    """uint8 labels on `prepared.vol_zyx`'s voxels (nearest neighbour) for a label image of the input.
 
     The label must lie on the input's grid; header round-off up to 1e-4 (mm or direction cosine) is tolerated.
+    Organ voxels outside the body's box (a body finder's failure, or labels in the air) raise: training on
+    such a case would teach the model to miss them.
     """
     geometry.check_same_grid(prepared.image, label, what="label image", atol=1e-4)
     label = sitk.Cast(label, sitk.sitkUInt8) if label.GetPixelID() != sitk.sitkUInt8 else label
     label = sitk.Image(label)  # a copy whose header is made exactly the image's, so the two agree in space
     label.CopyInformation(prepared.image)
-    return sitk.GetArrayFromImage(geometry.labels_to_grid(label, prepared.resampled))
+    full = sitk.GetArrayFromImage(geometry.labels_to_grid(label, prepared.resampled))
+    inside = full[prepared.box_zyx]
+    lost = int(np.count_nonzero(full)) - int(np.count_nonzero(inside))
+    if lost:
+        raise ValueError(
+            f"{lost} labelled voxels lie outside the body's box {prepared.box_zyx} (of {full.shape}); "
+            "the body finder (flare_infer.preprocess.find_body) missed part of the patient"
+        )
+    return np.ascontiguousarray(inside)
 
 
 def predict_volume(
     prepared: Prepared, predict_batch: PredictBatch, spec: ModelSpec, *, batch_size: int, fixed_batch: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels_zyx uint8, confidence_zyx float16) on `prepared.resampled`'s grid."""
+    """(labels_zyx uint8, confidence_zyx float16) on `prepared.vol_zyx`'s voxels (the body's box)."""
     config = SliceConfig(
         input_channels=spec.input_channels, batch_size=batch_size, output=spec.output, fixed_batch=fixed_batch
     )
@@ -94,7 +118,7 @@ def restore(labels_zyx: np.ndarray, prepared: Prepared) -> sitk.Image:
     if labels_zyx.shape != prepared.vol_zyx.shape:
         raise GridMismatchError(f"labels shape {labels_zyx.shape} differs from the prepared {prepared.vol_zyx.shape}")
     mask = geometry.labels_to_image_grid(
-        np.asarray(labels_zyx, np.uint8), geometry.Grid.of(prepared.resampled), prepared.image
+        prepared.uncrop(np.asarray(labels_zyx, np.uint8)), geometry.Grid.of(prepared.resampled), prepared.image
     )
     geometry.check_same_grid(prepared.image, mask, what="output mask")
     return mask

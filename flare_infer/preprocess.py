@@ -1,11 +1,22 @@
-"""Intensity normalisation and padding of slices to a multiple of 16.
+"""The body, intensity normalisation, and padding of slices to a multiple of 16.
 
-Normalisation as the paper: mean and standard deviation over all voxels of the resampled volume,
-clip to mean +/- n_std * std, rescale that range to [0, 1]. Training and inference both reach it
-through `flare_infer.pipeline.prepare`, so the two can never differ.
+`find_body` locates the patient in the resampled HU volume: padding outside the scanner's field-of-view
+circle is recognised and made air, then the largest connected component above -500 HU, holes filled
+slice by slice, is the body; its bounding box plus a margin is what the network sees (`Body.box_zyx`).
+Table, arms beside the trunk, other objects and the padding are outside it.
+
+`normalise` maps HU to the network's [0, 1] by the sidecar's `normalization.kind` (flare_infer.spec):
+    ct_window           clip to a fixed HU window found on the training set's foreground, outside the body air
+    body_mean_std_clip  the paper's mean +/- n_std * std, over the body's voxels
+    mean_std_clip       the paper's rule read literally: over every voxel of the resampled volume
+Only the last depends on the field of view, the padding value and the table (docs/INFERENCE.md has the
+numbers). Training and inference both reach all this through `flare_infer.pipeline.prepare`, so the two can
+never differ.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -13,12 +24,118 @@ from flare_infer.geometry import in_threads
 from flare_infer.spec import Normalization
 
 PAD_MULTIPLE = 16  # four 2x poolings in the U-Net: H and W must divide by 2^4
+AIR_HU = -1024.0
+# Between air/lung (< -700) and fat (about -100): the body's outline. A mattress (foam, about -900) stays out,
+# so a table under it is a separate component.
+BODY_THRESHOLD_HU = -500.0
+BODY_MARGIN_MM = (15.0, 15.0, 0.0)  # x, y, z: air around the body in-plane, as the network saw in training
+PADDING_TOLERANCE_HU = 0.5  # linear interpolation of a constant region gives the constant to float round-off
+PADDING_RIM_MM = 3.0  # the interpolated seam between padding and the scan, made air with the padding
 
 
-def normalise(vol_zyx: np.ndarray, norm: Normalization) -> np.ndarray:
-    """float32 copy of `vol_zyx` mapped from [mean - n*std, mean + n*std] to [0, 1] (clipped)."""
-    mean, std = mean_std(vol_zyx)
-    lo, hi = mean - norm.n_std * std, mean + norm.n_std * std
+@dataclass(frozen=True)
+class Body:
+    """Where the patient is in a resampled volume (all on its (Z, Y, X) grid)."""
+
+    mask_zyx: np.ndarray  # bool: the body, holes filled
+    box_zyx: tuple[slice, slice, slice]  # its bounding box plus BODY_MARGIN_MM, clipped to the volume; may be empty
+    padding_hu: float | None  # the value found outside the field-of-view circle, if any
+    notes: tuple[str, ...] = ()  # what a user should hear about (no body found, not HU, ...): one log line each
+
+    @property
+    def empty(self) -> bool:
+        return any(s.stop <= s.start for s in self.box_zyx)
+
+
+def find_body(vol_hu_zyx: np.ndarray, spacing_xyz: tuple[float, float, float]) -> Body:
+    """The body in a resampled HU volume; `vol_hu_zyx` is not modified (see `air_outside_body`)."""
+    from scipy import ndimage  # lazy: scipy's import is a noticeable share of a small case
+
+    notes = list(_hu_notes(vol_hu_zyx))
+    padding_hu, padding = _fov_padding(vol_hu_zyx, spacing_xyz)
+    dense = vol_hu_zyx > BODY_THRESHOLD_HU
+    if padding is not None:
+        dense &= ~padding
+    components, n = ndimage.label(dense)
+    if n == 0:
+        notes.append("no body found (no voxel above -500 HU inside the field of view): the mask is all background")
+        return Body(np.zeros(vol_hu_zyx.shape, bool), (slice(0, 0),) * 3, padding_hu, tuple(notes))
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    mask = components == int(sizes.argmax())
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):  # lungs and bowel gas: holes in an axial slice
+        mask[z] = ndimage.binary_fill_holes(mask[z])
+    return Body(mask, _box(mask, spacing_xyz), padding_hu, tuple(notes))
+
+
+def _box(mask_zyx: np.ndarray, spacing_xyz) -> tuple[slice, slice, slice]:
+    box = []
+    for axis in range(3):  # numpy axis 0, 1, 2 = z, y, x
+        along = np.flatnonzero(mask_zyx.any(axis=tuple(a for a in range(3) if a != axis)))
+        margin = int(np.ceil(BODY_MARGIN_MM[2 - axis] / spacing_xyz[2 - axis]))
+        box.append(slice(max(0, int(along[0]) - margin), min(mask_zyx.shape[axis], int(along[-1]) + 1 + margin)))
+    return tuple(box)
+
+
+def _fov_padding(vol_hu_zyx: np.ndarray, spacing_xyz) -> tuple[float | None, np.ndarray | None]:
+    """The constant outside the scanner's field-of-view circle, and where it is (with its interpolated rim).
+
+    Padding is a region of one exact value reaching the in-plane border: the corners of most slices hold it.
+    Below the body threshold it needs no handling (it is air to `find_body`), so only a value >= -500 HU (0 is
+    common) is looked for; noisy tissue or air is never one constant over a connected region.
+    """
+    from scipy import ndimage
+
+    corners = vol_hu_zyx[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # (Z, 4)
+    value = float(np.median(corners))
+    agree = np.abs(corners - value) < PADDING_TOLERANCE_HU
+    if value <= BODY_THRESHOLD_HU or agree.mean() < 0.5:
+        return (value if agree.mean() >= 0.5 else None), None
+    const = np.abs(vol_hu_zyx - np.float32(value)) < PADDING_TOLERANCE_HU
+    components, _ = ndimage.label(const)
+    border = np.unique(np.concatenate([components[:, [0, -1], :].ravel(), components[:, :, [0, -1]].ravel()]))
+    padding = np.isin(components, border[border > 0])
+    rim = max(1, int(round(PADDING_RIM_MM / min(spacing_xyz[:2]))))
+    padding = ndimage.binary_dilation(padding, structure=np.ones((1, 3, 3), bool), iterations=rim)
+    return value, padding
+
+
+def _hu_notes(vol_hu_zyx: np.ndarray) -> list[str]:
+    """A CT whose values are plainly not Hounsfield units (no air, or a range no scanner writes)."""
+    lo, hi = float(vol_hu_zyx.min()), float(vol_hu_zyx.max())
+    if lo > -500 or hi > 10000:
+        return [
+            f"intensities {lo:.0f}..{hi:.0f} do not look like Hounsfield units (air is about -1000 HU): "
+            "if this is stored without its rescale slope/intercept, convert it to HU first"
+        ]
+    return []
+
+
+def normalise(vol_hu_zyx: np.ndarray, norm: Normalization, body: Body | None = None) -> np.ndarray:
+    """float32 volume on [0, 1] of the body's box (the whole volume for mean_std_clip's statistics).
+
+    Args:
+        vol_hu_zyx: resampled HU (Z, Y, X); not modified.
+        norm: the sidecar's normalisation.
+        body: `find_body(vol_hu_zyx, ...)`; required by ct_window and body_mean_std_clip. The result covers
+            `body.box_zyx` when given, the whole volume otherwise.
+    """
+    box = body.box_zyx if body is not None else (slice(None),) * 3
+    if norm.kind == "mean_std_clip":  # statistics of the whole volume, as sidecars of this kind always had
+        mean, std = mean_std(vol_hu_zyx)
+        return _window(vol_hu_zyx[box], mean - norm.n_std * std, mean + norm.n_std * std)
+    if body is None:
+        raise ValueError(f"normalization {norm.kind!r} needs the body: pass body=find_body(...)")
+    vol = np.where(body.mask_zyx[box], vol_hu_zyx[box], np.float32(AIR_HU)).astype(np.float32, copy=False)
+    if norm.kind == "ct_window":
+        return _window(vol, *norm.window_hu)
+    inside = vol_hu_zyx[body.mask_zyx]
+    mean, std = (float(inside.mean(dtype=np.float64)), float(inside.std(dtype=np.float64))) if inside.size else (0, 0)
+    return _window(vol, mean - norm.n_std * std, mean + norm.n_std * std)
+
+
+def _window(vol_zyx: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """float32 copy of `vol_zyx` mapped from [lo, hi] to [0, 1] (clipped); zeros if the range is empty."""
     if not hi > lo:  # a constant volume: nothing to scale, every voxel is the same
         return np.zeros(vol_zyx.shape, np.float32)
     out = np.empty(vol_zyx.shape, np.float32)

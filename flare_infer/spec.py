@@ -5,7 +5,7 @@ A model is `NAME.onnx` plus `NAME.json` in the `flare-onnx/1` format:
     {"format": "flare-onnx/1",
      "input_channels": 1,
      "spacing_xyz_mm": [1.5, 1.5, 2.5],
-     "normalization": {"kind": "mean_std_clip", "n_std": 3.0},
+     "normalization": {"kind": "ct_window", "window_hu": [-160.0, 240.0], "stats": {...}},
      "output": "logits",
      "labels": {"0": "background", "1": "liver", ..., "13": "left kidney"}}
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,11 @@ from flare_infer.labels import LABEL_NAMES
 
 FORMAT = "flare-onnx/1"
 OUTPUT_KINDS = ("logits", "probabilities")
-NORMALIZATION_KINDS = ("mean_std_clip",)
+# ct_window: a fixed HU window from the training set's foreground (nnU-Net's CT rule), applied inside the body.
+# body_mean_std_clip: the paper's mean +/- n_std * std, over the body instead of the whole volume.
+# mean_std_clip: the paper's rule read literally, over every voxel of the resampled volume (air, padding and
+# table included); kept so that old sidecars behave exactly as they did, and as an option (docs/INFERENCE.md).
+NORMALIZATION_KINDS = ("ct_window", "body_mean_std_clip", "mean_std_clip")
 _KNOWN_KEYS = {"format", "input_channels", "spacing_xyz_mm", "normalization", "output", "labels"}
 
 
@@ -36,16 +40,43 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class Normalization:
-    """Mean and standard deviation over the resampled volume, clip to mean +/- n_std * std, rescale to [0, 1]."""
+    """How resampled HU become the network's [0, 1] input (flare_infer.preprocess.normalise).
+
+    ct_window: clip to `window_hu` = (lo, hi) and rescale to [0, 1], outside the body set to air first. The
+        window is the 0.5th and 99.5th percentile of the training set's foreground (labelled organ) voxels;
+        `stats` records how it was found (percentiles, foreground mean and std, cases, voxels).
+    body_mean_std_clip: mean and std over the body's voxels, clip to mean +/- n_std * std, rescale to [0, 1].
+    mean_std_clip: mean and std over every voxel of the resampled volume (the paper read literally).
+    """
 
     kind: str = "mean_std_clip"
-    n_std: float = 3.0
+    n_std: float | None = 3.0  # the two mean_std kinds only
+    window_hu: tuple[float, float] | None = None  # ct_window only
+    # ct_window: how the window was found; provenance only, so not part of equality or hashing
+    stats: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.kind not in NORMALIZATION_KINDS:
             raise SpecError(f"normalization.kind must be one of {NORMALIZATION_KINDS}, found {self.kind!r}")
-        if not (math.isfinite(self.n_std) and self.n_std > 0):
+        if self.kind == "ct_window":
+            lo_hi = tuple(float(v) for v in (self.window_hu or ()))
+            if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or not lo_hi[1] > lo_hi[0]:
+                raise SpecError(
+                    f"normalization.window_hu must be [lo, hi] HU with lo < hi for kind 'ct_window', "
+                    f"found {self.window_hu!r}"
+                )
+            object.__setattr__(self, "window_hu", lo_hi)
+            object.__setattr__(self, "n_std", None)
+        elif not (isinstance(self.n_std, (int, float)) and math.isfinite(self.n_std) and self.n_std > 0):
             raise SpecError(f"normalization.n_std must be a positive number, found {self.n_std!r}")
+        elif self.window_hu is not None:
+            raise SpecError(f"normalization.window_hu belongs to kind 'ct_window', not {self.kind!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sidecar's `normalization` object: only the keys of this kind (old sidecars' shape unchanged)."""
+        if self.kind == "ct_window":
+            return {"kind": self.kind, "window_hu": list(self.window_hu), "stats": dict(self.stats)}
+        return {"kind": self.kind, "n_std": self.n_std}
 
 
 @dataclass(frozen=True)
@@ -85,7 +116,7 @@ class ModelSpec:
             "format": FORMAT,
             "input_channels": self.input_channels,
             "spacing_xyz_mm": list(self.spacing_xyz_mm),
-            "normalization": asdict(self.normalization),
+            "normalization": self.normalization.to_dict(),
             "output": self.output,
             "labels": dict(self.labels),
         }
