@@ -23,13 +23,35 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from flare_infer.labels import LABEL_NAMES
+from training.acquisition import (
+    ACQUISITION_BY_SPLIT,
+    GEOMETRIES,
+    GEOMETRY_WEIGHTS,
+    PIXEL_TYPE_WEIGHTS,
+    PIXEL_TYPES,
+    SIZES,
+    AcquisitionConfig,
+    AcquisitionParams,
+    BodyBox,
+    Grid,
+    blur_sigma_zyx,
+    draw_acquisition,
+    draw_direction,
+    draw_scan_plan,
+    grid_for,
+    noise_gain,
+    pad_circle_arrays,
+    paint_table,
+    reconstruct,
+    vary_scan_plan,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Tissues: codes in the tissue map; ORGAN_OF gives the FLARE label of each code (0 = background).
@@ -40,7 +62,9 @@ LIVER, SPLEEN, PANCREAS, AORTA, IVC, GALLBLADDER = range(20, 26)
 RK_CORTEX, RK_MEDULLA, LK_CORTEX, LK_MEDULLA, R_ADRENAL, L_ADRENAL = range(26, 32)
 ESO_WALL, ESO_AIR, STOMACH_WALL, STOMACH_CONTENT, STOMACH_GAS = range(32, 37)
 DUO_WALL, DUO_CONTENT, DUO_GAS = range(37, 40)
-N_TISSUES = 40
+N_ANATOMY_TISSUES = 40  # the patient's tissues; the per-case HU jitter is drawn for these only
+TABLE_FOAM, TABLE_PLATE = range(40, 42)  # the patient table (acquisition.TableSpec), background
+N_TISSUES = 42
 
 ORGAN_OF = np.zeros(N_TISSUES, np.uint8)
 for _codes, _value in (
@@ -76,7 +100,8 @@ HU_FIXED: dict[int, float] = {
 # Texture: std (HU) of white noise added before the partial-volume blur (which divides it by ~1.7).
 TEXTURE_HU = np.full(N_TISSUES, 25.0, np.float32)
 for _code, _std in {
-    AIR: 10, LUNG: 120, GAS: 80, BONE: 150, CORTEX_BONE: 150, STOOL: 160, LIVER: 30, SPLEEN: 20,
+    AIR: 10, LUNG: 120, GAS: 80, TABLE_FOAM: 15, TABLE_PLATE: 15,
+    BONE: 150, CORTEX_BONE: 150, STOOL: 160, LIVER: 30, SPLEEN: 20,
     PANCREAS: 60, AORTA: 15, IVC: 15, BLOOD: 15, GALLBLADDER: 10, FAT: 30, CAVITY_FAT: 40,
 }.items():
     TEXTURE_HU[_code] = _std
@@ -125,42 +150,6 @@ DOMAINS = {"labelled": LABELLED_DOMAIN, "wide": WIDE_DOMAIN}
 
 
 @dataclass(frozen=True)
-class SizeConfig:
-    """Voxel grid ranges. `full` is the FLARE22 acquisition range; `small` is for tests and quick runs."""
-
-    inplane_px: tuple[int, ...]  # in-plane size choices (square)
-    inplane_spacing_mm: tuple[float, float]  # clip range for FOV / size
-    slice_spacing_mm: tuple[float, ...]  # slice spacing choices
-
-
-SIZES = {
-    "full": SizeConfig(inplane_px=(512, 512, 512, 448, 384), inplane_spacing_mm=(0.6, 1.0),
-                       slice_spacing_mm=(1.5, 2.0, 2.5, 2.5, 3.0, 5.0)),
-    "small": SizeConfig(inplane_px=(128, 144, 160), inplane_spacing_mm=(2.2, 3.2), slice_spacing_mm=(4.0, 5.0, 6.0)),
-    # The bundled examples: small files, but slices thin enough that adrenals span several of them.
-    "example": SizeConfig(inplane_px=(144, 160), inplane_spacing_mm=(2.3, 2.8), slice_spacing_mm=(3.5, 4.0)),
-}
-GEOMETRIES = ("lps", "ras", "flip_z", "permuted", "oblique")
-GEOMETRY_WEIGHTS = (0.45, 0.25, 0.1, 0.1, 0.1)
-PIXEL_TYPES = ("int16", "int32", "float32")
-PIXEL_TYPE_WEIGHTS = (0.8, 0.1, 0.1)
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A voxel grid: index (i, j, k) -> physical origin + direction @ (spacing * index)."""
-
-    size_xyz: tuple[int, int, int]
-    spacing_xyz: tuple[float, float, float]
-    origin_xyz: tuple[float, float, float]
-    direction: tuple[float, ...]  # 9 values, row-major, columns are the index axes' directions
-
-    @property
-    def matrix(self) -> np.ndarray:  # (3, 3): physical offset per unit index step
-        return np.array(self.direction).reshape(3, 3) @ np.diag(self.spacing_xyz)
-
-
-@dataclass(frozen=True)
 class CaseParams:
     """Everything drawn for one case except shapes and noise: recorded in dataset.json."""
 
@@ -176,6 +165,7 @@ class CaseParams:
     geometry: str
     pixel_type: str
     grid: Grid = field(repr=False)
+    acquisition: AcquisitionParams | None = None  # None: a clean scan (no acquisition variation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,60 +384,27 @@ def _sample_anatomy(rng: np.random.Generator) -> Anatomy:
 
 
 # ----------------------------------------------------------------------------------------------
-# Acquisition: case parameters and the voxel grid
+# Case parameters: the patient, and the scan (training/acquisition.py) around it
 # ----------------------------------------------------------------------------------------------
-def _direction(rng: np.random.Generator, geometry: str) -> np.ndarray:
-    """Columns = physical directions of the index axes i, j, k."""
-    if geometry == "lps":
-        return np.eye(3)
-    if geometry == "ras":
-        return np.diag([-1.0, -1.0, 1.0])
-    if geometry == "flip_z":
-        return np.diag([1.0, 1.0, -1.0])
-    if geometry == "permuted":  # e.g. a volume stored with slices along another index axis
-        perm = rng.permutation(3)
-        while (perm == np.arange(3)).all():
-            perm = rng.permutation(3)
-        return np.eye(3)[:, perm] * rng.choice([-1.0, 1.0], 3)
-    if geometry == "oblique":  # a slight gantry tilt or rotated reconstruction
-        axis = rng.normal(size=3)
-        axis /= np.linalg.norm(axis)
-        angle = math.radians(rng.uniform(3, 12))
-        kx = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-        rot = np.eye(3) + math.sin(angle) * kx + (1 - math.cos(angle)) * kx @ kx
-        return rot @ (np.eye(3) if rng.random() < 0.5 else np.diag([-1.0, -1.0, 1.0]))
-    raise ValueError(f"geometry must be one of {GEOMETRIES}, found {geometry!r}")
-
-
-def _grid(rng: np.random.Generator, domain: DomainConfig, size: SizeConfig, *, scale: np.ndarray, fat_mm: float,
-          centre: np.ndarray, direction: np.ndarray) -> Grid:
-    body_width = 2 * ((CAVITY_HALF[0] + WALL_MM) * scale[0] + fat_mm + SKIN_MM)
-    fov = body_width * rng.uniform(*domain.fov_margin)
-    n_inplane = int(rng.choice(size.inplane_px))
-    s_inplane = float(np.clip(fov / n_inplane, *size.inplane_spacing_mm))
-    s_slice = float(rng.choice(size.slice_spacing_mm))
-    top, bottom = rng.uniform(*domain.scan_top_mm) * scale[2], rng.uniform(*domain.scan_bottom_mm) * scale[2]
-    n_slices = int(math.ceil((top - bottom) / s_slice)) + 1
-    n_phys = np.array([n_inplane, n_inplane, n_slices])
-    s_phys = np.array([s_inplane, s_inplane, s_slice])
-    axis_of = np.abs(direction).argmax(0)  # physical axis each index axis mostly runs along
-    size_xyz = n_phys[axis_of]
-    spacing_xyz = s_phys[axis_of]
-    # The patient lies low in the field of view (on the table), slightly off-centre.
-    fov_centre = centre + np.array([rng.uniform(-15, 15), rng.uniform(-5, 25), (top + bottom) / 2])
-    origin = fov_centre - direction @ np.diag(spacing_xyz) @ ((size_xyz - 1) / 2)
-    return Grid(tuple(int(n) for n in size_xyz), tuple(float(s) for s in spacing_xyz),
-                tuple(float(o) for o in origin), tuple(float(d) for d in direction.ravel()))
-
-
-def sample_case_params(seed: int, domain: DomainConfig, size: str = "small", *,
-                       geometry: str | None = None) -> CaseParams:
-    """Draw the acquisition and patient-level parameters of case `seed` (no voxels)."""
-    params, _ = _sample(seed, domain, size, geometry)
+def sample_case_params(seed: int, domain: DomainConfig, size: str = "small", *, geometry: str | None = None,
+                       acquisition: AcquisitionConfig | None = None) -> CaseParams:
+    """Draw the patient-level and acquisition parameters of case `seed` (no voxels)."""
+    params, _ = _sample(seed, domain, size, geometry, acquisition)
     return params
 
 
-def _sample(seed: int, domain: DomainConfig, size: str, geometry: str | None) -> tuple[CaseParams, np.random.Generator]:
+def _body_width_mm(scale: np.ndarray, fat_mm: float) -> float:
+    return 2 * ((CAVITY_HALF[0] + WALL_MM) * scale[0] + fat_mm + SKIN_MM)
+
+
+def _sample(seed: int, domain: DomainConfig, size: str, geometry: str | None,
+            acquisition: AcquisitionConfig | None = None) -> tuple[CaseParams, np.random.Generator]:
+    """The case's parameters and its main stream, positioned for the anatomy draws.
+
+    The main stream draws in the order the generator always used (the bundled examples depend on
+    it); acquisition variation comes from its own stream and only changes the grid's field of
+    view, centring and z-range.
+    """
     if size not in SIZES:
         raise ValueError(f"size must be one of {tuple(SIZES)}, found {size!r}")
     rng = np.random.default_rng(seed)
@@ -457,13 +414,19 @@ def _sample(seed: int, domain: DomainConfig, size: str, geometry: str | None) ->
     centre = np.array([rng.uniform(-30, 30), rng.uniform(-250, 50), rng.uniform(-1200, 200)])
     drawn = str(rng.choice(GEOMETRIES, p=GEOMETRY_WEIGHTS))
     geometry = geometry or drawn
-    direction = _direction(rng, geometry)
-    grid = _grid(rng, domain, SIZES[size], scale=scale, fat_mm=fat_mm, centre=centre, direction=direction)
+    direction = draw_direction(rng, geometry)
+    plan = draw_scan_plan(rng, SIZES[size], fov_margin=domain.fov_margin, scan_top_mm=domain.scan_top_mm,
+                          scan_bottom_mm=domain.scan_bottom_mm, scale_z=float(scale[2]))
+    acq = draw_acquisition(seed, acquisition) if acquisition is not None else None
+    body_width = _body_width_mm(scale, fat_mm)
+    if acq is not None:
+        plan = vary_scan_plan(plan, acq, body_width_mm=body_width, scale_z=float(scale[2]))
+    grid = grid_for(plan, SIZES[size], body_width_mm=body_width, centre=centre, direction=direction)
     params = CaseParams(
         seed=seed, domain=domain.name, size=size, phase=phase, noise_std_hu=float(rng.uniform(*domain.noise_std_hu)),
         contrast_gain=float(rng.uniform(*domain.contrast_gain)), scale_xyz=tuple(float(s) for s in scale),
         fat_mm=fat_mm, centre_xyz=tuple(float(c) for c in centre), geometry=geometry,
-        pixel_type=str(rng.choice(PIXEL_TYPES, p=PIXEL_TYPE_WEIGHTS)), grid=grid,
+        pixel_type=str(rng.choice(PIXEL_TYPES, p=PIXEL_TYPE_WEIGHTS)), grid=grid, acquisition=acq,
     )
     return params, rng
 
@@ -700,7 +663,18 @@ def _tissue_map(params: CaseParams, anatomy: Anatomy) -> np.ndarray:
     _paint_bowel(tissue, frame, anatomy)
     for shape, fn, allowed in _organ_painters(anatomy):
         _paint_shape(tissue, frame, shape, fn, allowed)
+    if params.acquisition is not None and params.acquisition.table is not None:
+        _paint_table(tissue, params)
     return tissue
+
+
+def _paint_table(tissue: np.ndarray, params: CaseParams) -> None:
+    """The patient table under the body's back (on air only): background, like the air it replaces."""
+    sx, sy = params.scale_xyz[:2]
+    cx, cy = params.centre_xyz[:2]
+    body = BodyBox(centre_x=cx, half_width=_body_width_mm(np.array(params.scale_xyz), params.fat_mm) / 2,
+                   back_y=cy + sy * (CAVITY_Y + CAVITY_HALF[1] + WALL_MM) + params.fat_mm + SKIN_MM)
+    paint_table(tissue, params.grid, params.acquisition.table, body, tissue == AIR, (TABLE_FOAM, TABLE_PLATE))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -713,37 +687,31 @@ def _hu_table(params: CaseParams, rng: np.random.Generator, domain: DomainConfig
         table[code] = value
     for code, values in HU_BY_PHASE.items():
         table[code] = values[0] + params.contrast_gain * (values[phase] - values[0])
-    jitter = rng.normal(0, domain.hu_jitter_hu, N_TISSUES).astype(np.float32)
+    jitter = np.zeros(N_TISSUES, np.float32)
+    jitter[:N_ANATOMY_TISSUES] = rng.normal(0, domain.hu_jitter_hu, N_ANATOMY_TISSUES)
+    table_spec = params.acquisition.table if params.acquisition is not None else None
+    if table_spec is not None:
+        table[TABLE_FOAM], table[TABLE_PLATE] = table_spec.foam_hu, table_spec.plate_hu
     soft = (table > -200) & (table < 400)  # air, lung and bone keep their physics
     table[soft] += jitter[soft]
     return table
 
 
-def _noise_gain(sigma_zyx: list[float], truncate: float) -> float:
-    """Std of white noise after `ndimage.gaussian_filter(sigma_zyx, truncate)`, per unit std before."""
-    gain = 1.0
-    for sigma in sigma_zyx:
-        radius = int(truncate * sigma + 0.5)
-        w = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-        gain *= float(np.sqrt(((w / w.sum()) ** 2).sum()))
-    return gain
-
-
 def _intensities(tissue: np.ndarray, params: CaseParams, rng: np.random.Generator, domain: DomainConfig) -> np.ndarray:
-    """HU volume (z, y, x float32): tissue means, texture and scanner noise, then partial-volume blur.
+    """HU volume (z, y, x float32): tissue means, texture and scanner noise, then the reconstruction.
 
-    The scanner noise goes in before the blur (one random field for texture and noise, half the
-    cost), so it comes out spatially correlated as real CT noise is; its std before the blur is
-    raised so that after it the noise has `params.noise_std_hu`.
+    The scanner noise goes in before the partial-volume blur (one random field for texture and
+    noise, half the cost), so it comes out spatially correlated as real CT noise is; its std before
+    the blur is raised so that after it the noise has `params.noise_std_hu`. A sharp kernel
+    (unsharp mask, acquisition.reconstruct) then raises edges and noise, as on a real scanner.
     """
-    # Partial volume: a Gaussian half a voxel wide in-plane, 0.4 of the slice thickness along the slices.
-    sigma_zyx = [0.5, 0.5, 0.5]
-    sigma_zyx[2 - int(np.argmax(params.grid.spacing_xyz))] = 0.4
-    pre_noise = params.noise_std_hu / _noise_gain(sigma_zyx, 2.0)
+    acq = params.acquisition
+    sigma_zyx = blur_sigma_zyx(params.grid.spacing_xyz, acq.blur_scale if acq is not None else 1.0)
+    pre_noise = params.noise_std_hu / noise_gain(sigma_zyx, 2.0)
     amplitude = np.sqrt(TEXTURE_HU**2 + np.float32(pre_noise) ** 2).astype(np.float32)
     hu = _hu_table(params, rng, domain)[tissue]
     hu += amplitude[tissue] * rng.standard_normal(tissue.shape, dtype=np.float32)
-    hu = ndimage.gaussian_filter(hu, sigma_zyx, truncate=2.0)  # 3 taps: the next weights are < 0.001
+    hu = reconstruct(hu, sigma_zyx, acq.sharp_gain if acq is not None else 0.0)
     return np.clip(hu, -1024, 3071, out=hu)
 
 
@@ -756,7 +724,8 @@ def _to_image(arr_zyx: np.ndarray, grid: Grid) -> sitk.Image:
 
 
 def generate_case(seed: int, domain: DomainConfig = LABELLED_DOMAIN, size: str = "small", *,
-                  geometry: str | None = None) -> tuple[sitk.Image, sitk.Image]:
+                  geometry: str | None = None,
+                  acquisition: AcquisitionConfig | None = None) -> tuple[sitk.Image, sitk.Image]:
     """One synthetic CT and its label (uint8 0..13) on exactly the same grid.
 
     Args:
@@ -764,24 +733,31 @@ def generate_case(seed: int, domain: DomainConfig = LABELLED_DOMAIN, size: str =
         domain: LABELLED_DOMAIN (narrow) or WIDE_DOMAIN (unlabelled and validation), or your own.
         size: "small" (tests, quick runs) or "full" (FLARE22-like 0.6-1.0 mm, up to 512 x 512).
         geometry: force a direction kind from GEOMETRIES instead of drawing it.
+        acquisition: acquisition variation (field of view, padding, table, kernel, z-coverage), e.g.
+            acquisition.WIDE_ACQUISITION; None (default) gives a clean scan. The patient is the same either way.
     """
-    image, label, _ = _generate(seed, domain, size, geometry)
+    image, label, _ = _generate(seed, domain, size, geometry, acquisition)
     return image, label
 
 
-def _generate(seed: int, domain: DomainConfig, size: str, geometry: str | None):
-    params, rng = _sample(seed, domain, size, geometry)
+def _generate(seed: int, domain: DomainConfig, size: str, geometry: str | None,
+              acquisition: AcquisitionConfig | None = None):
+    params, rng = _sample(seed, domain, size, geometry, acquisition)
     tissue = _tissue_map(params, _sample_anatomy(rng))
     hu = _intensities(tissue, params, rng, domain)
+    label = ORGAN_OF[tissue]
+    if params.acquisition is not None and params.acquisition.padding is not None:
+        pad_circle_arrays(hu, label, params.grid, params.acquisition.padding)  # after the HU clip
     if params.pixel_type != "float32":
         hu = np.rint(hu).astype(params.pixel_type)
-    return _to_image(hu, params.grid), _to_image(ORGAN_OF[tissue], params.grid), params
+    return _to_image(hu, params.grid), _to_image(label, params.grid), params
 
 
 # ----------------------------------------------------------------------------------------------
 # Data sets on disk
 # ----------------------------------------------------------------------------------------------
 SPLITS = {"labelled": 1, "unlabelled": 2, "validation": 3, "examples": 4}
+ACQUISITION_MODES = ("default", "none")
 
 
 def case_seed(seed: int, split: str, index: int) -> int:
@@ -827,14 +803,22 @@ def _jobs(labelled: int, unlabelled: int, validation: int) -> list[tuple[str, in
 
 
 def generate_dataset(out_dir: str | Path, *, labelled: int = 50, unlabelled: int = 200, validation: int = 20,
-                     seed: int = 0, size: str = "full", progress: bool = True) -> dict:
-    """Write a FLARE22-layout synthetic set and its dataset.json; returns the dataset.json content."""
+                     seed: int = 0, size: str = "full", acquisition: str = "default",
+                     progress: bool = True) -> dict:
+    """Write a FLARE22-layout synthetic set and its dataset.json; returns the dataset.json content.
+
+    `acquisition`: "default" varies the acquisition at each split's rates (acquisition.ACQUISITION_BY_SPLIT);
+    "none" writes clean scans.
+    """
+    if acquisition not in ACQUISITION_MODES:
+        raise ValueError(f"acquisition must be one of {ACQUISITION_MODES}, found {acquisition!r}")
+    acq_by_split = ACQUISITION_BY_SPLIT if acquisition == "default" else dict.fromkeys(ACQUISITION_BY_SPLIT)
     out = Path(out_dir)
     jobs = _jobs(labelled, unlabelled, validation)
     cases = {}
     for split, index, image_rel, label_rel in _progress(jobs, progress, f"phantoms -> {out}"):
         domain = LABELLED_DOMAIN if split == "labelled" else WIDE_DOMAIN
-        image, label, params = _generate(case_seed(seed, split, index), domain, size, None)
+        image, label, params = _generate(case_seed(seed, split, index), domain, size, None, acq_by_split[split])
         write_image(image, out / image_rel)
         if label_rel:
             write_image(label, out / label_rel)
@@ -845,6 +829,7 @@ def generate_dataset(out_dir: str | Path, *, labelled: int = 50, unlabelled: int
         "numUnlabelled": unlabelled, "numValidation": validation, "file_ending": ".nii.gz",
         "domains": {"labelled": asdict(LABELLED_DOMAIN), "unlabelled": asdict(WIDE_DOMAIN),
                     "validation": asdict(WIDE_DOMAIN)},
+        "acquisition": {split: asdict(cfg) if cfg else None for split, cfg in acq_by_split.items()},
         "cases": cases,
     }
     tmp = out / ".dataset.json.tmp"
@@ -884,6 +869,11 @@ def _progress(items: list, enabled: bool, title: str):
             bar.advance(task)
 
 
+class AcquisitionMode(str, Enum):
+    default = "default"  # each split's acquisition variation (docs/PHANTOMS.md)
+    none = "none"  # clean scans
+
+
 def main(
     out_dir: Path,
     labelled: int = 50,
@@ -892,8 +882,13 @@ def main(
     seed: int = 0,
     size: str = "full",
     layout: str = "flare22",
+    acquisition: AcquisitionMode = AcquisitionMode.default,
 ) -> None:
-    """Generate a synthetic FLARE22-style set (layout flare22) or the bundled examples (layout examples)."""
+    """Generate a synthetic FLARE22-style set (layout flare22) or the bundled examples (layout examples).
+
+    --acquisition default varies field of view, padding, table, kernel and z-coverage at each split's
+    rates; none writes clean scans. The bundled examples are always clean.
+    """
     import typer
 
     if size not in ("small", "full") or layout not in ("flare22", "examples"):
@@ -905,7 +900,7 @@ def main(
         typer.echo(f"wrote {len(paths)} files under {out_dir} in {time.perf_counter() - t0:.1f} s")
         return
     meta = generate_dataset(out_dir, labelled=labelled, unlabelled=unlabelled, validation=validation,
-                            seed=seed, size=size)
+                            seed=seed, size=size, acquisition=acquisition.value)
     typer.echo(f"wrote {len(meta['cases'])} cases to {out_dir} in {time.perf_counter() - t0:.1f} s")
 
 
