@@ -34,13 +34,14 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import typer
 
 from flare_infer import io
+from flare_infer.evaluate import mean_std
 from flare_infer.labels import ORGANS
 from flare_infer.pipeline import predict_case
 
@@ -179,7 +180,7 @@ def train_single_unet(data: Path, out: Path, cache: Path, s: Sizes, device: str)
     from training.data import build_cache, discover_labelled
     from training.loop import LoopConfig
     from training.model import UNetConfig
-    from training.teacher import TeacherConfig, train_fold
+    from training.teacher import TeacherConfig, resolve_window, train_fold
     from training.utils import setup_runtime, teardown
 
     cfg = TeacherConfig(
@@ -191,7 +192,9 @@ def train_single_unet(data: Path, out: Path, cache: Path, s: Sizes, device: str)
     )  # fmt: skip
     rt = setup_runtime(device)
     try:
-        cached = {c.name: c for c in build_cache(discover_labelled(data / "labelled"), cfg.spec(), cache, s.workers)}
+        labelled = discover_labelled(data / "labelled")
+        cfg = resolve_window(cfg, labelled, out, rt)  # the same cases and seed as the teacher's: the same window
+        cached = {c.name: c for c in build_cache(labelled, cfg.spec(), cache, s.workers)}
         names = sorted(cached)
         train_fold(0, {"train": names, "val": names}, cached, cfg, out, rt, resume=False)
     finally:
@@ -213,8 +216,7 @@ def load_for_inference(model: Model, device: str):
     """(predict_batch, spec) of a checkpoint, a teacher.json or an ONNX file."""
     import torch
 
-    from training.loop import load_model
-    from training.teacher import load_teacher, teacher_spec, torch_predict_batch
+    from training.teacher import load_teacher
 
     if model.kind == "onnx":
         from flare_infer.session import load_model as load_onnx
@@ -222,10 +224,8 @@ def load_for_inference(model: Model, device: str):
         m = load_onnx(model.path, device="cpu", threads=torch.get_num_threads())
         return m.predict, m.spec
     torch_device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    if model.kind == "teacher":
-        return load_teacher(model.path, torch_device), teacher_spec(model.path)
-    net, _, spec = load_model(model.path, torch_device)
-    return torch_predict_batch([net], torch.device(torch_device)), replace(spec, output="probabilities")
+    teacher = load_teacher(model.path, torch_device)  # a teacher.json, or a checkpoint as a one-member teacher
+    return teacher.predict_batch(torch_device), teacher.spec
 
 
 def predict_folder(model: Model, images: list[Path], out_dir: Path, device: str, batch_size: int = 16) -> list[float]:
@@ -342,13 +342,8 @@ def paper_claim(d: dict[str, np.ndarray]) -> str:
     return f"Ordering of the means here: {ranking}; the paper's is (a) < (b) < (c), which this run {verdict}."
 
 
-def mean_std(values: np.ndarray) -> str:
-    std = np.nanstd(values, ddof=1) if np.isfinite(values).sum() > 1 else 0.0
-    return f"{np.nanmean(values):.4f} ± {std:.4f}"
-
-
 def table5(scores: dict) -> list[str]:
-    lines = ["| organ | DSC mean ± std | NSD mean ± std |", "|---|---|---|"]
+    lines = ["| organ | DSC mean +/- std | NSD mean +/- std |", "|---|---|---|"]  # flare_infer.evaluate's cells
     for o in ORGANS:
         d, n = scores["dsc"][o.short], scores["nsd"][o.short]
         lines.append(f"| {o.name} | {mean_std(d)} | {mean_std(n)} |")

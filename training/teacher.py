@@ -11,9 +11,9 @@ curves.png, score.json}, teacher.json:
     {"members": [{"fold": 2, "checkpoint": "fold_2/best.pt", "score": 0.91}, ...3],
      "folds": [{"fold": 0, "score": ...}, ...], "spec": {ModelSpec dict}, "git_commit": "..."}
 
-`load_teacher(teacher_json, device)` returns a `predict_batch` callable (np (N, C, H, W) float32 ->
-np (N, 14, H, W) float32 mean softmax of the members), which `flare_infer.pipeline.predict_volume`
-runs with a spec whose output is "probabilities" (`teacher_spec(teacher_json)`).
+`load_teacher(teacher_json, device)` returns a `Teacher` (its members, their shared spec with output
+"probabilities"); `teacher.predict_batch(device)` is the `SoftVote` callable (np (N, C, H, W) float32 ->
+np (N, 14, H, W) float32 mean softmax of the members) that `flare_infer.pipeline.predict_volume` runs.
 
 A fold's score is the mean 3D DSC over the 13 organs (`mean_organ_dsc`: FLARE22's empty-mask rule,
 no NSD, no axial cut; see there why), averaged over its validation cases and computed on the cached
@@ -23,9 +23,10 @@ back to the input grid.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ from training.data import (
     make_loader,
     set_loader_epoch,
 )
+from training.fingerprint import load_or_compute_window
 from training.loop import LoopConfig, StepContext, fit, load_model, make_optimizer, make_scheduler, prepare_model
 from training.losses import deep_supervision_loss, eq1_loss
 from training.model import UNet, UNetConfig
@@ -66,13 +68,31 @@ class TeacherConfig:
     beta: float = 0.65  # Eq. 1: Dice weight
     aux_weight: float = 0.1  # deep-supervision head's loss weight
     spacing_xyz_mm: tuple[float, float, float] = (1.5, 1.5, 2.5)
-    n_std: float = 3.0
+    n_std: float = 3.0  # the mean_std kinds' clip
+    # "ct_window" (default): a fixed HU window from the labelled foreground, resolved per run (`resolve_window`);
+    # "body_mean_std_clip"; "mean_std_clip": the paper's rule over every voxel (flare_infer.preprocess)
+    normalization: str = "ct_window"
+    window: Normalization | None = None  # the resolved ct_window (RUN/normalization.json)
     oversample: float = 0.0  # share of slices drawn for an organ chosen uniformly (beyond the paper; 0 = off)
     workers: int = 2  # DataLoader workers (and cache-building processes)
     val_batch_size: int = 16
 
     def spec(self) -> ModelSpec:
-        return ModelSpec(self.model.in_channels, self.spacing_xyz_mm, Normalization(n_std=self.n_std))
+        if self.normalization == "ct_window":
+            if self.window is None:
+                raise ValueError("ct_window normalisation is resolved from the data first: resolve_window(cfg, ...)")
+            return ModelSpec(self.model.in_channels, self.spacing_xyz_mm, self.window)
+        return ModelSpec(self.model.in_channels, self.spacing_xyz_mm, Normalization(self.normalization, self.n_std))
+
+
+def resolve_window(cfg: TeacherConfig, cases: list, out: Path, rt: Runtime) -> TeacherConfig:
+    """`cfg` with its ct_window computed from the labelled `cases` once per run (out/normalization.json)."""
+    if cfg.normalization != "ct_window" or cfg.window is not None:
+        return cfg
+    if rt.is_main:
+        load_or_compute_window(out / "normalization.json", cases, seed=cfg.loop.seed)
+    barrier(rt)
+    return replace(cfg, window=load_or_compute_window(out / "normalization.json", cases, seed=cfg.loop.seed))
 
 
 # ----------------------------------------------------------------------------- splits
@@ -118,21 +138,49 @@ def make_step(cfg: TeacherConfig):
     return step
 
 
-def torch_predict_batch(models: list[nn.Module], device: torch.device):
-    """np (N, C, H, W) float32 -> np (N, 14, H, W) float32 mean softmax over `models` (eval, no grad)."""
+class SoftVote:
+    """predict_batch for flare_infer: np (N, C, H, W) f32 -> np (N, 14, H, W) f32, the mean softmax of `models`
+    (soft voting; eval mode, no grad). The one ensemble of the project: fold scoring, the teacher, pseudo-labels.
 
-    def predict_batch(batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+    With `agreement_hw` (the volume's real, unpadded (h, w)) it also accumulates, per pair of members, the
+    joint histogram of their argmax labels over that region, from which `agreement()` gives their mean
+    pairwise organ Dice; pseudo-labelling records it per case.
+    """
+
+    def __init__(self, models, device: str | torch.device, agreement_hw: tuple[int, int] | None = None) -> None:
+        self.models, self.device, self.agreement_hw = tuple(models), torch.device(device), agreement_hw
+        n = len(self.models) if agreement_hw is not None else 0
+        self.pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        self.joint = torch.zeros(len(self.pairs), NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=self.device)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        total, labels = None, []
         with torch.no_grad():
-            probs = sum(torch.softmax(m(x)[0].float(), dim=1) for m in models) / len(models)
-        return probs.cpu().numpy()
+            for m in self.models:
+                probs = torch.softmax(m(x)[0].float(), dim=1)  # (N, 14, H, W)
+                total = probs if total is None else total + probs
+                if self.pairs:
+                    h, w = self.agreement_hw
+                    labels.append(probs[:, :, :h, :w].argmax(dim=1))  # (N, h, w)
+            for k, (i, j) in enumerate(self.pairs):
+                self.joint[k] += torch.bincount((labels[i] * NUM_CLASSES + labels[j]).flatten(),
+                                                minlength=NUM_CLASSES * NUM_CLASSES)  # fmt: skip
+        return (total / len(self.models)).cpu().numpy()
 
-    return predict_batch
+    def agreement(self) -> float:
+        """Mean over member pairs of their mean organ DSC (`confusion_dscs`); 1.0 with one member."""
+        if len(self.models) == 1:
+            return 1.0
+        if self.agreement_hw is None:
+            raise ValueError("SoftVote(..., agreement_hw=(h, w)) counts the members' agreement; it was built without")
+        n = NUM_CLASSES
+        return float(np.mean([confusion_dscs(j.view(n, n).cpu().numpy()).mean() for j in self.joint]))
 
 
 def score_cases(model: nn.Module, cases: list[CachedCase], cfg: TeacherConfig, device: torch.device) -> list[float]:
     """Mean organ DSC of each case, predicted slice by slice on its cached volume."""
-    predict = torch_predict_batch([model], device)
+    predict = SoftVote([model], device)
     slice_cfg = PredictSliceConfig(cfg.model.in_channels, cfg.val_batch_size, output="probabilities")
     scores = []
     for case in cases:
@@ -141,14 +189,24 @@ def score_cases(model: nn.Module, cases: list[CachedCase], cfg: TeacherConfig, d
     return scores
 
 
+def confusion_dscs(confusion: np.ndarray) -> np.ndarray:
+    """3D DSC of each of the 13 organs (label order) from a (14, 14) confusion matrix of two labellings, with
+    FLARE22's empty-mask rule: an organ absent from both scores 1, from one only 0.
+
+    The one Dice of the training code: fold scores, the members' agreement, the pseudo-label quality
+    report. The rule is the challenge's (and `flare_infer.evaluate`'s), so all three read on the same scale
+    as the official scores; an organ both labellings leave out is an agreement, not a gap.
+    """
+    inter = np.diag(confusion)[1:].astype(np.float64)
+    total = confusion.sum(0)[1:] + confusion.sum(1)[1:]  # |a| + |b| per organ
+    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+
+
 def organ_dscs(pred_zyx: np.ndarray, gt_zyx: np.ndarray) -> np.ndarray:
-    """3D DSC of each of the 13 organs (label order) with FLARE22's empty-mask rule (absent from both: 1,
-    from one only: 0), from one confusion matrix."""
+    """`confusion_dscs` of a prediction against its ground truth (any shapes, equal)."""
     n = NUM_CLASSES
     confusion = np.bincount(gt_zyx.astype(np.int64).ravel() * n + pred_zyx.ravel(), minlength=n * n).reshape(n, n)
-    inter = np.diag(confusion)[1:].astype(np.float64)
-    total = confusion.sum(0)[1:] + confusion.sum(1)[1:]  # |pred| + |gt| per organ
-    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+    return confusion_dscs(confusion)
 
 
 def mean_organ_dsc(pred_zyx: np.ndarray, gt_zyx: np.ndarray) -> float:
@@ -217,16 +275,47 @@ def select_teacher(out: Path, spec: ModelSpec | None = None, k: int = TEACHER_SI
     return teacher
 
 
-def load_teacher(teacher_json: str | Path, device: str | torch.device = "cpu"):
-    """predict_batch of the teacher ensemble: np (N, C, H, W) f32 -> np (N, 14, H, W) mean softmax."""
-    path = Path(teacher_json)
-    data = json.loads(path.read_text())
-    models = [load_model(path.parent / m["checkpoint"], device)[0] for m in data["members"]]
-    return torch_predict_batch(models, torch.device(device))
+@dataclass(frozen=True)
+class Teacher:
+    """Models whose mean softmax (`SoftVote`) labels the cases; `key` names their pseudo-label store."""
+
+    models: tuple[nn.Module, ...]
+    spec: ModelSpec  # the members' shared preprocessing, output "probabilities"
+    key: str  # hash of teacher.json and the member checkpoints (or of the one checkpoint)
+    source: str  # teacher.json or a checkpoint
+
+    def predict_batch(self, device: str | torch.device, agreement_hw: tuple[int, int] | None = None) -> SoftVote:
+        return SoftVote(self.models, device, agreement_hw)
+
+
+def _file_hash(paths: list[Path]) -> str:
+    h = hashlib.sha1()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def load_teacher(teacher: str | Path, device: str | torch.device = "cpu") -> Teacher:
+    """A phase-one teacher.json (its members, best first) or one checkpoint (a one-member teacher: a student
+    teaching the next round, a single U-Net); the members must share their preprocessing."""
+    path = Path(teacher)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no teacher here; expected RUN/teacher.json from `python -m training.teacher`")
+    if path.suffix == ".json":
+        ckpts = [path.parent / m["checkpoint"] for m in json.loads(path.read_text())["members"]]
+        files = [path, *ckpts]
+    else:
+        ckpts, files = [path], [path]
+    loaded = [load_model(c, device) for c in ckpts]  # (model in eval mode, UNetConfig, ModelSpec) each
+    specs = {(s.spacing_xyz_mm, s.normalization, s.input_channels) for _, _, s in loaded}
+    if len(specs) != 1:
+        raise ValueError(f"{path}: the members disagree on preprocessing (spacing, normalisation, channels): {specs}")
+    spec = ModelSpec.from_dict({**loaded[0][2].to_dict(), "output": "probabilities"}, source=str(path))
+    return Teacher(tuple(m for m, _, _ in loaded), spec, _file_hash(files), str(path))
 
 
 def teacher_spec(teacher_json: str | Path) -> ModelSpec:
-    """The members' ModelSpec with output "probabilities" (what load_teacher's callable returns)."""
+    """The members' ModelSpec with output "probabilities", read from teacher.json without loading the models."""
     d = json.loads(Path(teacher_json).read_text())["spec"]
     return ModelSpec.from_dict({**d, "output": "probabilities"}, source=str(teacher_json))
 
@@ -247,6 +336,7 @@ def run(data: Path, out: Path, folds: list[int], cfg: TeacherConfig, *, device: 
                 _print_teacher(select_teacher(out))
             return
         cases = discover_labelled(data)
+        cfg = resolve_window(cfg, cases, out, rt)
         spec = cfg.spec()
         cache_dir = cache or out / "cache"
         if rt.is_main:
@@ -309,6 +399,10 @@ def main(
     oversample: float = typer.Option(
         0.0, help="share of training slices drawn to hold an organ chosen uniformly (small organs oversampled; 0 = "
         "the paper's uniform shuffle)"),
+    normalization: str = typer.Option(
+        "ct_window", help="ct_window (a fixed HU window from the labelled foreground, inside the body), "
+        "body_mean_std_clip, or mean_std_clip (the paper's, over every voxel: depends on the field of view and "
+        "padding; docs/INFERENCE.md)"),
     workers: int = typer.Option(2, help="data loader workers and cache processes"),
     cache: Path = typer.Option(None, help="preprocessing cache folder (default RUN_DIR/cache)"),
     select_only: bool = typer.Option(False, help="only pick the best three folds into teacher.json"),
@@ -322,6 +416,7 @@ def main(
         augment=AugmentConfig.from_cli(p_flip, p_rotate, p_distort),
         batch_size=batch_size, patch_size=patch_size, beta=beta, aux_weight=aux_weight,
         spacing_xyz_mm=tuple(float(s) for s in spacing.split(",")), workers=workers, oversample=oversample,
+        normalization=normalization,
     )  # fmt: skip
     run(data, out, _parse_folds(folds), cfg, device=device, resume=resume, cache=cache, select_only=select_only)
 
