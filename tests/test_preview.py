@@ -32,17 +32,41 @@ def test_preview_writes_a_png_with_and_without_mask(case, tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
 
 
-def test_preview_draws_the_organ_colours(case, tmp_path):
+def _overlay_pixels(png, colour: str, tol: float = 0.03) -> int:
+    """Pixels of `colour` drawn half-transparent over the CT: rgb = a * colour + (1 - a) * grey, 0.2 < a < 0.8.
+
+    Removing each pixel's mean leaves a * (colour - its mean) whatever the grey, so the overlay is found by the
+    direction of that difference; the legend's solid patches (a = 1), their anti-aliased edges on the white
+    figure (grey = 1) and the grey CT (a = 0) are not counted, nor is anything in the legend's strip (the bottom
+    tenth of the figure in save_preview's layout).
+    """
     import matplotlib.image as mpimg
     from matplotlib.colors import to_rgb
 
+    rgb = mpimg.imread(png)[..., :3].astype(np.float64)
+    rgb = rgb[: int(0.9 * rgb.shape[0])]
+    ref = np.array(to_rgb(colour))
+    centred = ref - ref.mean()
+    chroma = rgb - rgb.mean(-1, keepdims=True)
+    alpha = (chroma @ centred) / (centred @ centred)  # least-squares a per pixel
+    residual = np.abs(chroma - alpha[..., None] * centred).max(-1)
+    translucent = (alpha > 0.2) & (alpha < 0.8) & (residual < tol)
+    grey = (rgb.mean(-1) - alpha * ref.mean()) / np.where(translucent, 1 - alpha, 1.0)  # what lies beneath
+    return int((translucent & (grey < 0.9)).sum())
+
+
+def test_preview_draws_the_organ_colours(case, tmp_path):
     image, label = case
-    with_mask = mpimg.imread(save_preview(image, label, tmp_path / "a.png"))[..., :3]
-    ct_only = mpimg.imread(save_preview(image, None, tmp_path / "b.png"))[..., :3]
-    # The legend and overlay put the liver's red in the picture; the CT alone is grey.
-    red = np.array(to_rgb(ORGAN_COLOURS[1]))
-    assert (np.abs(with_mask - red).max(-1) < 0.02).sum() > 20
-    assert (np.abs(ct_only - red).max(-1) < 0.02).sum() == 0
+    empty = sitk.Image(label.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(label)
+    with_mask = save_preview(image, label, tmp_path / "a.png")
+    empty_mask = save_preview(image, empty, tmp_path / "b.png")  # the same legend, nothing to overlay
+    ct_only = save_preview(image, None, tmp_path / "c.png")
+    # The organs in the three slices are drawn in their colours; an empty mask or the CT alone draws none.
+    for organ in (1, 3, 13):  # liver, spleen, left kidney: large, in every phantom
+        assert _overlay_pixels(with_mask, ORGAN_COLOURS[organ]) > 200, organ
+        assert _overlay_pixels(empty_mask, ORGAN_COLOURS[organ]) == 0, organ
+        assert _overlay_pixels(ct_only, ORGAN_COLOURS[organ]) == 0, organ
 
 
 def test_preview_rejects_a_mask_on_another_grid(case, tmp_path):
