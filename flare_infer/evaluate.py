@@ -273,7 +273,8 @@ def write_csv(cases: Sequence[CaseScores], path) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float]) -> str:
+    """'mean +/- sample std' of the values, NaNs skipped; a single value alone; 'n/a' when none is left."""
     data = np.array(values, dtype=float)
     data = data[~np.isnan(data)]
     if data.size == 0:
@@ -297,7 +298,7 @@ def summary_markdown(result: FolderResult) -> str:
     for organ in ORGANS:
         dsc = [c.dsc[organ.short] for c in cases]
         nsd = [c.nsd[organ.short] for c in cases]
-        lines.append(f"| {organ.name} | {_mean_std(dsc)} | {_mean_std(nsd)} |")
+        lines.append(f"| {organ.name} | {mean_std(dsc)} | {mean_std(nsd)} |")
     all_dsc = [v for c in cases for v in c.dsc.values()]
     all_nsd = [v for c in cases for v in c.nsd.values()]
     lines.append(

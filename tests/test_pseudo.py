@@ -33,12 +33,11 @@ from training.pseudo import (
     confidence_mask,
     dropped_cases,
     label_all,
-    load_teacher_models,
     make_pseudo_labels,
-    pair_dice,
     pseudo_cases,
     select_cases,
 )
+from training.teacher import SoftVote, load_teacher
 from training.utils import Runtime
 
 SPEC = ModelSpec(input_channels=1, spacing_xyz_mm=(8.0, 8.0, 12.0))  # coarse: ~25 x 50 x 50 volumes, fast
@@ -80,7 +79,7 @@ def labelled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pseudo")
     teacher_json = make_teacher(tmp / "teacher")
     unlabelled = write_unlabelled(tmp / "unlabelled", 3)
-    teacher = load_teacher_models(teacher_json, CPU.device)
+    teacher = load_teacher(teacher_json, CPU.device)
     store, names = make_pseudo_labels(unlabelled, teacher, tmp / "cache", PseudoConfig(batch_size=8), CPU)
     return tmp, teacher_json, unlabelled, teacher, store, names
 
@@ -169,13 +168,33 @@ def test_drop_disagreeing_drops_the_cases_members_agree_on_least(tmp_path):
     assert dropped_cases(store, ["a", "b", "c", "d"], 0.0) == set()
 
 
-def test_pair_dice_is_the_mean_organ_dice_of_organs_present_in_either():
-    a = np.array([0, 1, 1, 2, 2, 0])
-    b = np.array([0, 1, 2, 2, 0, 3])
-    joint = np.bincount(a * NUM_CLASSES + b, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
-    # organ 1: 2*1/(2+1); organ 2: 2*1/(2+2); organ 3: 0/(0+1); others absent from both: ignored
-    assert pair_dice(joint) == pytest.approx(np.mean([2 / 3, 1 / 2, 0.0]))
-    assert pair_dice(np.zeros((NUM_CLASSES, NUM_CLASSES))) == 1.0
+class _FixedLabels(torch.nn.Module):
+    """A stand-in member whose argmax is `labels_hw` on every slice: (logits, aux) as the U-Net returns them."""
+
+    def __init__(self, labels_hw: np.ndarray) -> None:
+        super().__init__()
+        onehot = np.eye(NUM_CLASSES, dtype=np.float32)[labels_hw]  # (H, W, 14)
+        self.logits = torch.from_numpy(10 * onehot).permute(2, 0, 1)  # (14, H, W)
+
+    def forward(self, x: torch.Tensor):
+        logits = self.logits.expand(x.shape[0], -1, -1, -1)
+        return logits, None
+
+
+def test_member_agreement_is_the_mean_pairwise_organ_dice_under_flare22s_empty_rule():
+    a = np.array([[0, 1, 1, 2], [2, 0, 9, 9]])
+    b = np.array([[0, 1, 2, 2], [0, 3, 9, 9]])  # last column: only inside the padding (cropped away below)
+    b[:, 3] = 5
+    vote = SoftVote([_FixedLabels(a), _FixedLabels(b)], "cpu", agreement_hw=(2, 3))
+    probs = vote(np.zeros((2, 1, 2, 4), np.float32))
+    assert probs.shape == (2, NUM_CLASSES, 2, 4)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+    # Over the real 2 x 3 region (the same on every slice): organ 1: 2*1/(2+1); organ 2: 0/(1+1); organ 3:
+    # 0/(0+1); organ 9: 2*1/(1+1); the 9 organs absent from both score 1 (FLARE22's rule), organ 5 among them:
+    # it lies in the padding only.
+    expected = (2 / 3 + 0.0 + 0.0 + 1.0 + 9 * 1.0) / 13
+    assert vote.agreement() == pytest.approx(expected)
+    assert SoftVote([_FixedLabels(a)], "cpu", agreement_hw=(2, 3)).agreement() == 1.0  # one member agrees
 
 
 def test_unlabelled_fraction_picks_a_seeded_subset_and_one_means_all(labelled):

@@ -89,7 +89,7 @@ def test_smoke_run_writes_five_folds_splits_and_a_three_member_teacher(smoke_run
 @pytest.mark.slow
 def test_teacher_soft_votes_through_the_inference_pipeline(smoke_run):
     data, out = smoke_run
-    predict_batch = load_teacher(out / "teacher.json", "cpu")
+    predict_batch = load_teacher(out / "teacher.json", "cpu").predict_batch("cpu")
     x = np.random.default_rng(0).random((3, 1, 32, 48), dtype=np.float32)
     probs = predict_batch(x)
     assert probs.shape == (3, 14, 32, 48) and probs.dtype == np.float32

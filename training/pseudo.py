@@ -19,8 +19,9 @@ Stored at the training resolution in the training cache (`training.data.cache_ro
 
 TEACHER_KEY hashes the teacher's files (teacher.json and member checkpoints, or a student
 checkpoint in later rounds), so a new teacher never reuses old labels. The record holds the mean
-pairwise Dice between the members' own argmaxes (agreement), computed while labelling at no extra
-cost, so `--drop-disagreeing` can be changed without relabelling.
+pairwise Dice between the members' own argmaxes (agreement; `training.teacher.confusion_dscs`, FLARE22's
+empty-organ rule), computed while labelling at no extra cost, so `--drop-disagreeing` can be changed
+without relabelling.
 
 Resumable: a case whose record exists is skipped; every file is written atomically. Sharded:
 under torchrun rank r labels cases r::world_size (each case exactly once); each rank appends the
@@ -29,7 +30,6 @@ names it labelled to `labelled-by-rank<r>.txt` in the store (the test checks the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -38,17 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch import nn
 
 from flare_infer import io
 from flare_infer.labels import NUM_CLASSES
 from flare_infer.pipeline import predict_volume, prepare
-from flare_infer.spec import ModelSpec
 from training.data import CachedCase, CaseFiles, build_cache, cache_root, discover_unlabelled, save_npy_atomic
-from training.loop import load_model
+from training.teacher import Teacher, load_teacher
 from training.utils import Runtime, barrier
 
 CONFIDENCE_SCALE = 255  # confidence stored as uint8: round(255 * p_max); resolution 0.004, half the bytes of float16
@@ -71,84 +68,6 @@ class PseudoConfig:
             raise ValueError(f"confidence_threshold must lie in [0, 1) (0 = off), found {self.confidence_threshold}")
         if not 0.0 <= self.drop_disagreeing < 1.0:
             raise ValueError(f"drop_disagreeing is a fraction of cases in [0, 1), found {self.drop_disagreeing}")
-
-
-# ----------------------------------------------------------------------------- the teacher
-@dataclass(frozen=True)
-class Teacher:
-    """Models whose mean softmax labels the cases; `key` names their pseudo-label store."""
-
-    models: tuple[nn.Module, ...]
-    spec: ModelSpec  # preprocessing of the members, output "probabilities"
-    key: str
-    source: str  # teacher.json or a student checkpoint
-
-
-def _file_hash(paths: list[Path]) -> str:
-    h = hashlib.sha1()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def load_teacher_models(teacher: str | Path, device: torch.device) -> Teacher:
-    """A phase-one teacher.json (its members, best first) or one checkpoint (a student teaching the next round)."""
-    path = Path(teacher)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no teacher here; expected RUN/teacher.json from `python -m training.teacher`")
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        ckpts = [path.parent / m["checkpoint"] for m in data["members"]]
-        files = [path, *ckpts]
-    else:
-        ckpts, files = [path], [path]
-    loaded = [load_model(c, device) for c in ckpts]  # (model in eval mode, UNetConfig, ModelSpec) each
-    specs = {(s.spacing_xyz_mm, s.normalization, s.input_channels) for _, _, s in loaded}
-    if len(specs) != 1:
-        raise ValueError(f"{path}: the members disagree on preprocessing (spacing, normalisation, channels): {specs}")
-    spec = ModelSpec.from_dict({**loaded[0][2].to_dict(), "output": "probabilities"}, source=str(path))
-    return Teacher(tuple(m for m, _, _ in loaded), spec, _file_hash(files), str(path))
-
-
-class EnsemblePredictBatch:
-    """predict_batch for flare_infer: np (N, C, H, W) f32 -> np (N, 14, H, W) f32 mean softmax of the members.
-
-    The same soft voting as `training.teacher.torch_predict_batch`; in passing it accumulates, per pair of
-    members, the joint histogram of their argmax labels over the volume's real (unpadded) `h x w`, from
-    which `agreement()` gives the mean pairwise Dice.
-    """
-
-    def __init__(self, models: tuple[nn.Module, ...], device: torch.device, crop_hw: tuple[int, int]) -> None:
-        self.models, self.device, self.crop_hw = models, device, crop_hw
-        self.pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
-        self.joint = torch.zeros(len(self.pairs), NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=device)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        h, w = self.crop_hw
-        with torch.no_grad():
-            probs = [torch.softmax(m(x)[0].float(), dim=1) for m in self.models]  # M x (N, 14, H, W)
-            mean = sum(probs) / len(probs)
-            if self.pairs:
-                labels = [p[:, :, :h, :w].argmax(dim=1) for p in probs]  # M x (N, h, w)
-                for k, (i, j) in enumerate(self.pairs):
-                    self.joint[k] += torch.bincount((labels[i] * NUM_CLASSES + labels[j]).flatten(),
-                                                    minlength=NUM_CLASSES * NUM_CLASSES)  # fmt: skip
-        return mean.cpu().numpy()
-
-    def agreement(self) -> float:
-        """Mean over member pairs of the mean organ Dice (organs present in either); 1.0 with one member."""
-        if not self.pairs:
-            return 1.0
-        return float(np.mean([pair_dice(j.view(NUM_CLASSES, NUM_CLASSES).cpu().numpy()) for j in self.joint]))
-
-
-def pair_dice(joint: np.ndarray) -> float:
-    """Mean Dice over organs 1..13 present in either label, from their (14, 14) joint histogram; 1.0 if none."""
-    inter = np.diag(joint)[1:]
-    sizes = joint.sum(axis=1)[1:] + joint.sum(axis=0)[1:]
-    present = sizes > 0
-    return float(np.mean(2 * inter[present] / sizes[present])) if present.any() else 1.0
 
 
 # ----------------------------------------------------------------------------- the store
@@ -205,7 +124,7 @@ def label_case(case: CaseFiles, teacher: Teacher, store: PseudoStore, cfg: Pseud
     """Prepare, predict with the teacher, store label + confidence (+ the cache image if missing); the record."""
     t0 = time.perf_counter()
     prepared = prepare(io.read_ct(case.image), teacher.spec)
-    predict = EnsemblePredictBatch(teacher.models, rt.device, prepared.vol_zyx.shape[1:])
+    predict = teacher.predict_batch(rt.device, agreement_hw=prepared.vol_zyx.shape[1:])
     labels_zyx, confidence_zyx = predict_volume(prepared, predict, teacher.spec, batch_size=cfg.batch_size)
     if not store.image(case.name).is_file():  # the same bytes training.data.build_cache would write
         save_npy_atomic(prepared.vol_zyx.astype(np.float16), store.image(case.name))
@@ -328,7 +247,7 @@ def main(
                                  "training cache the student uses (by default the phase-one run's cache/)")  # fmt: skip
     rt = setup_runtime(device)
     try:
-        t = load_teacher_models(teacher, rt.device)
+        t = load_teacher(teacher, rt.device)
         cfg = PseudoConfig(batch_size=batch_size, unlabelled_fraction=unlabelled_fraction, seed=seed)
         cache_dir = cache or Path(teacher).parent / "cache"
         t0 = time.perf_counter()

@@ -55,11 +55,10 @@ from training.pseudo import (
     PseudoConfig,
     PseudoStore,
     dropped_cases,
-    load_teacher_models,
     make_pseudo_labels,
     pseudo_cases,
 )
-from training.teacher import TeacherConfig, score_cases, teacher_spec
+from training.teacher import TeacherConfig, load_teacher, score_cases, teacher_spec
 from training.utils import Runtime, barrier, seed_everything, setup_runtime, teardown
 
 
@@ -214,7 +213,7 @@ def run(src: Sources, out: Path, cfg: StudentConfig, *, device: str, resume: boo
         val = _cache(discover_labelled(src.validation), spec, src.cache, cfg.workers, rt) if src.validation else []
         teacher_source, dropped, summary = src.teacher, None, []
         for k in range(1, cfg.rounds + 1):
-            teacher = load_teacher_models(teacher_source, rt.device)
+            teacher = load_teacher(teacher_source, rt.device)
             if k == 1 and cfg.pseudo.drop_disagreeing > 0 and len(teacher.models) < 2:
                 raise ValueError(f"--drop-disagreeing needs a teacher of >= 2 members to disagree; "
                                  f"{teacher_source} has {len(teacher.models)}: drop the option")  # fmt: skip
