@@ -1,7 +1,7 @@
 """Command line: predict every CT in a folder.
 
     python -m flare_infer predict INPUT_DIR OUTPUT_DIR [--model weights/student.onnx] [--device auto|cuda|cpu]
-        [--batch-size N] [--postprocess none|lcc] [--preview] [--shard K/N] [--threads N]
+        [--batch-size N] [--postprocess none|lcc] [--restore linear|nearest] [--preview] [--shard K/N] [--threads N]
 
 Every `*.nii.gz` / `*.nii` in INPUT_DIR is a case; `NAME_0000.nii.gz` writes `NAME.nii.gz`, other
 names keep theirs. A case that fails logs `ERROR <file name>: <reason>` on stderr and the others go
@@ -20,6 +20,7 @@ import typer
 
 from flare_infer import io
 from flare_infer.postprocess import POSTPROCESS_CHOICES
+from flare_infer.restore import RESTORE_CHOICES
 from flare_infer.session import DEVICES
 
 log = logging.getLogger("flare_infer")
@@ -105,7 +106,10 @@ def _save_preview(result, out_png: Path) -> None:
         log.warning("WARNING %s: preview not written (%s: %s)", out_png.name, type(e).__name__, e)
 
 
-def run_cases(cases: list[Path], output_dir: Path, model, *, batch_size: int, postprocess: str, preview: bool) -> int:
+def run_cases(
+    cases: list[Path], output_dir: Path, model, *, batch_size: int, postprocess: str, preview: bool,
+    restore: str = "linear",
+) -> int:  # fmt: skip
     """Predict each case, log one line per case; return the number of failed cases."""
     from flare_infer.pipeline import predict_file
 
@@ -116,7 +120,7 @@ def run_cases(cases: list[Path], output_dir: Path, model, *, batch_size: int, po
         try:
             result = predict_file(
                 path, out_path, model.predict, model.spec,
-                batch_size=batch_size, postprocess=postprocess, fixed_batch=model.fixed_batch,
+                batch_size=batch_size, postprocess=postprocess, fixed_batch=model.fixed_batch, restore_method=restore,
             )  # fmt: skip
         except Exception as e:  # one bad case never stops the others; the reason is logged with its name
             failed += 1
@@ -159,6 +163,9 @@ def predict(
     device: str = typer.Option("auto", help=f"one of {DEVICES}: auto = CUDA if onnxruntime has it, else CPU"),
     batch_size: int = typer.Option(16, min=1, help="axial slices per network call"),
     postprocess: str = typer.Option("none", help=f"one of {POSTPROCESS_CHOICES}: lcc = largest component per organ"),
+    restore: str = typer.Option(
+        "linear", help=f"one of {RESTORE_CHOICES}: linear = class probabilities interpolated onto the CT, then argmax"
+    ),
     preview: bool = typer.Option(False, help="also write NAME.png: axial, coronal, sagittal slices with the mask"),
     shard: str = typer.Option("0/1", help="K/N: process cases K, K+N, K+2N, ... (split a folder over machines)"),
     threads: int | None = typer.Option(None, min=1, help="CPU threads, onnxruntime and ITK (default: all allowed)"),
@@ -175,6 +182,8 @@ def predict(
             raise UsageError(f"--device must be one of {DEVICES}, found {device!r}")
         if postprocess not in POSTPROCESS_CHOICES:
             raise UsageError(f"--postprocess must be one of {POSTPROCESS_CHOICES}, found {postprocess!r}")
+        if restore not in RESTORE_CHOICES:
+            raise UsageError(f"--restore must be one of {RESTORE_CHOICES}, found {restore!r}")
         k, n = parse_shard(shard)
         cases = check_folders(input_dir, output_dir)[k::n]
         model_path = resolve_model(model)
@@ -186,7 +195,9 @@ def predict(
     if loaded.provider == "CPUExecutionProvider" and device != "cpu":
         log.info("no usable NVIDIA GPU (no driver visible or no CUDA in this onnxruntime): running on the CPU")
     start = time.perf_counter()
-    failed = run_cases(cases, output_dir, loaded, batch_size=batch_size, postprocess=postprocess, preview=preview)
+    failed = run_cases(
+        cases, output_dir, loaded, batch_size=batch_size, postprocess=postprocess, preview=preview, restore=restore
+    )
     log.info("total %.1f s", time.perf_counter() - start)
     raise typer.Exit(EXIT_CASE_FAILED if failed else EXIT_OK)
 

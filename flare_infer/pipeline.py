@@ -27,6 +27,7 @@ from flare_infer.geometry import GridMismatchError
 from flare_infer.postprocess import apply_postprocess
 from flare_infer.predictor import PredictBatch, SliceConfig, predict_slices
 from flare_infer.preprocess import find_body, normalise
+from flare_infer.restore import RESTORE_CHOICES, check_method, drop_removed, probabilities_to_image_grid
 from flare_infer.spec import ModelSpec
 
 __all__ = [
@@ -35,7 +36,9 @@ __all__ = [
     "prepare",
     "label_on_prepared",
     "predict_volume",
+    "outputs_for",
     "restore",
+    "RESTORE_CHOICES",
     "predict_case",
     "predict_file",
     "CaseResult",
@@ -104,24 +107,75 @@ def label_on_prepared(label: sitk.Image, prepared: Prepared) -> np.ndarray:
 
 
 def predict_volume(
-    prepared: Prepared, predict_batch: PredictBatch, spec: ModelSpec, *, batch_size: int, fixed_batch: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """(labels_zyx uint8, confidence_zyx float16) on `prepared.vol_zyx`'s voxels (the body's box)."""
+    prepared: Prepared,
+    predict_batch: PredictBatch,
+    spec: ModelSpec,
+    *,
+    batch_size: int,
+    fixed_batch: bool = False,
+    outputs: tuple[str, ...] = ("labels", "confidence"),
+) -> tuple[np.ndarray, ...]:
+    """`outputs` on `prepared.vol_zyx`'s voxels (the body's box), in that order; only those are computed.
+
+    "labels" uint8 (Z, Y, X); "confidence" float16 (Z, Y, X), max class probability (pseudo-labels);
+    "probabilities" float16 (Z, Y, X, 14), what the linear restore interpolates (`outputs_for(restore)`).
+    """
     config = SliceConfig(
-        input_channels=spec.input_channels, batch_size=batch_size, output=spec.output, fixed_batch=fixed_batch
+        input_channels=spec.input_channels,
+        batch_size=batch_size,
+        output=spec.output,
+        fixed_batch=fixed_batch,
+        outputs=outputs,
     )
     return predict_slices(predict_batch, prepared.vol_zyx, config)
 
 
-def restore(labels_zyx: np.ndarray, prepared: Prepared) -> sitk.Image:
-    """uint8 labels on the input's exact grid; raises `GridMismatchError` if the grid came out different."""
+def outputs_for(method: str) -> tuple[str, ...]:
+    """What `predict_volume` must compute for a restore `method`: nothing more."""
+    check_method(method)
+    return ("labels", "probabilities") if method == "linear" else ("labels",)
+
+
+def restore(
+    labels_zyx: np.ndarray,
+    prepared: Prepared,
+    probabilities_zyxc: np.ndarray | None = None,
+    *,
+    method: str = "linear",
+) -> sitk.Image:
+    """uint8 labels on the input's exact grid; raises `GridMismatchError` if the grid came out different.
+
+    linear: the class probabilities (float16 (Z, Y, X, 14) on the box, `labels_zyx` their argmax) interpolated
+    trilinearly at every input voxel, then argmax (flare_infer.restore). nearest: the nearest label.
+    """
+    check_method(method)
     if labels_zyx.shape != prepared.vol_zyx.shape:
         raise GridMismatchError(f"labels shape {labels_zyx.shape} differs from the prepared {prepared.vol_zyx.shape}")
-    mask = geometry.labels_to_image_grid(
-        prepared.uncrop(np.asarray(labels_zyx, np.uint8)), geometry.Grid.of(prepared.resampled), prepared.image
-    )
+    grid = geometry.Grid.of(prepared.resampled)
+    if method == "linear":
+        if probabilities_zyxc is None:
+            raise ValueError(
+                "the linear restore needs the class probabilities: predict_volume(..., outputs=outputs_for('linear')), "
+                "or restore(..., method='nearest')"
+            )
+        mask = probabilities_to_image_grid(labels_zyx, probabilities_zyxc, prepared.box_zyx, grid, prepared.image)
+    else:
+        mask = geometry.labels_to_image_grid(prepared.uncrop(np.asarray(labels_zyx, np.uint8)), grid, prepared.image)
+    # the functions above check the grid their voxel mapping implies; this checks the header the mask carries
     geometry.check_same_grid(prepared.image, mask, what="output mask")
     return mask
+
+
+def _infer_and_restore(prepared, predict_batch, spec, *, batch_size, postprocess, fixed_batch, restore_method, timed):
+    """predict_volume with what the restore needs, post-processing, restore; `timed(stage)` after infer."""
+    want = outputs_for(restore_method)
+    found = predict_volume(prepared, predict_batch, spec, batch_size=batch_size, fixed_batch=fixed_batch, outputs=want)
+    labels_zyx, probabilities_zyxc = found if len(found) == 2 else (found[0], None)
+    timed("infer")
+    cleaned = apply_postprocess(labels_zyx, postprocess)
+    if probabilities_zyxc is not None:  # components removed by post-processing must not come back by interpolation
+        drop_removed(probabilities_zyxc, labels_zyx, cleaned)
+    return restore(cleaned, prepared, probabilities_zyxc, method=restore_method)
 
 
 def predict_case(
@@ -132,11 +186,14 @@ def predict_case(
     batch_size: int,
     postprocess: str = "none",
     fixed_batch: bool = False,
+    restore_method: str = "linear",
 ) -> sitk.Image:
-    """CT image in memory -> uint8 mask on the same grid."""
+    """CT image in memory -> uint8 mask on the same grid (`restore_method`: linear or nearest, see `restore`)."""
     prepared = prepare(image, spec)
-    labels_zyx, _ = predict_volume(prepared, predict_batch, spec, batch_size=batch_size, fixed_batch=fixed_batch)
-    return restore(apply_postprocess(labels_zyx, postprocess), prepared)
+    return _infer_and_restore(
+        prepared, predict_batch, spec, batch_size=batch_size, postprocess=postprocess, fixed_batch=fixed_batch,
+        restore_method=restore_method, timed=lambda stage: None,
+    )  # fmt: skip
 
 
 @dataclass
@@ -162,6 +219,7 @@ def predict_file(
     batch_size: int,
     postprocess: str = "none",
     fixed_batch: bool = False,
+    restore_method: str = "linear",
 ) -> CaseResult:
     """Read, prepare, infer, restore, write atomically; the stage times are what the CLI logs."""
     result = CaseResult()
@@ -170,10 +228,16 @@ def predict_file(
     t = result.timed("read", t)
     prepared = prepare(image, spec)
     t = result.timed("preprocess", t)
-    labels_zyx, _ = predict_volume(prepared, predict_batch, spec, batch_size=batch_size, fixed_batch=fixed_batch)
-    t = result.timed("infer", t)
-    mask = restore(apply_postprocess(labels_zyx, postprocess), prepared)
-    t = result.timed("restore", t)
+    clock = {"t": t}
+
+    def timed(stage: str) -> None:
+        clock["t"] = result.timed(stage, clock["t"])
+
+    mask = _infer_and_restore(
+        prepared, predict_batch, spec, batch_size=batch_size, postprocess=postprocess, fixed_batch=fixed_batch,
+        restore_method=restore_method, timed=timed,
+    )  # fmt: skip
+    t = result.timed("restore", clock["t"])
     io.write_mask(mask, output_path)
     result.timed("write", t)
     result.image, result.mask = image, mask

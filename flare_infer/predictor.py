@@ -1,8 +1,10 @@
 """Slice-batched prediction through any callable `batch -> scores`.
 
 `predict_slices` streams batches of axial slices (2.5D: `input_channels` adjacent slices with edge
-replication) through `predict_batch` and keeps per slice only the argmax label and its confidence,
-so a 14-class score volume is never held in memory. The same code serves the ONNX Runtime session
+replication) through `predict_batch` and keeps per slice only what the caller asks for (`OUTPUTS`):
+the argmax label (always), the confidence (max class probability: training's pseudo-labels), the
+float16 class probabilities (the `linear` restore, flare_infer.restore). Scores are reduced per batch,
+so a float32 14-class score volume is never held in memory. The same code serves the ONNX Runtime session
 (`flare_infer.session`), a torch teacher ensemble (training) and threshold stand-ins (tests).
 """
 
@@ -17,6 +19,7 @@ from flare_infer.labels import NUM_CLASSES
 from flare_infer.preprocess import pad_slices
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]  # (N, C_in, H, W) float32 -> (N, 14, H, W) float32 scores
+OUTPUTS = ("labels", "confidence", "probabilities")
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,13 @@ class SliceConfig:
     batch_size: int = 16
     output: str = "logits"  # or "probabilities": how to turn scores into a confidence
     fixed_batch: bool = False  # pad the last batch to batch_size (fixed shapes: no CUDA re-tuning)
+    # what predict_slices returns, in this order: "labels" uint8 (Z, Y, X), "confidence" float16 (Z, Y, X),
+    # "probabilities" float16 (Z, Y, X, 14); only these are computed
+    outputs: tuple[str, ...] = ("labels", "confidence")
 
     def __post_init__(self) -> None:
+        if not self.outputs or len(set(self.outputs)) != len(self.outputs) or not set(self.outputs) <= set(OUTPUTS):
+            raise ValueError(f"outputs must be distinct names from {OUTPUTS}, found {self.outputs}")
         if self.input_channels < 1 or self.input_channels % 2 == 0:
             raise ValueError(f"input_channels must be odd and >= 1, found {self.input_channels}")
         if self.batch_size < 1:
@@ -60,13 +68,41 @@ def _check_scores(scores: np.ndarray, n: int, h: int, w: int) -> None:
         raise ValueError(f"predict_batch returned H, W = {scores.shape[2:]}, smaller than the input's {(h, w)}")
 
 
-def predict_slices(
-    predict_batch: PredictBatch, vol_zyx: np.ndarray, config: SliceConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (uint8) and confidence (float16), both (Z, Y, X), for a normalised float32 volume."""
+def probabilities(scores_nkhw: np.ndarray, output: str) -> np.ndarray:
+    """float32 class probabilities (N, 14, H, W): softmax of logits, or the scores as they are."""
+    if output != "logits":
+        return np.asarray(scores_nkhw, np.float32)
+    e = np.exp(scores_nkhw - scores_nkhw.max(axis=1, keepdims=True))
+    e /= e.sum(axis=1, keepdims=True)
+    return e
+
+
+def reduce_scores(scores_nkhw: np.ndarray, config: SliceConfig) -> dict[str, np.ndarray]:
+    """What `config.outputs` asks for, from one batch of scores (N, 14, H, W).
+
+    With probabilities the label is the argmax of their float16 values (the restore's cell shortcut needs the
+    two to agree exactly; they differ from the scores' argmax only at float16 ties). Without, the argmax of the
+    scores, and the confidence as `labels_and_confidence`.
+    """
+    out = {}
+    if "probabilities" in config.outputs:
+        probs16 = probabilities(scores_nkhw, config.output).astype(np.float16).transpose(0, 2, 3, 1)  # (N, H, W, 14)
+        out["probabilities"] = probs16
+        out["labels"] = probs16.argmax(axis=3).astype(np.uint8)
+        if "confidence" in config.outputs:
+            out["confidence"] = probs16.max(axis=3)
+    elif "confidence" in config.outputs:
+        out["labels"], out["confidence"] = labels_and_confidence(scores_nkhw, config.output)
+    else:
+        out["labels"] = scores_nkhw.argmax(axis=1).astype(np.uint8)
+    return out
+
+
+def predict_slices(predict_batch: PredictBatch, vol_zyx: np.ndarray, config: SliceConfig) -> tuple[np.ndarray, ...]:
+    """`config.outputs` (default labels uint8, confidence float16), each (Z, Y, X) [, 14], for a normalised volume."""
     depth, h, w = vol_zyx.shape
-    labels_zyx = np.zeros((depth, h, w), np.uint8)
-    confidence_zyx = np.zeros((depth, h, w), np.float16)
+    shapes = {"labels": (np.uint8, ()), "confidence": (np.float16, ()), "probabilities": (np.float16, (NUM_CLASSES,))}
+    results = {name: np.zeros((depth, h, w, *shapes[name][1]), shapes[name][0]) for name in config.outputs}
     for start in range(0, depth, config.batch_size):
         z = np.arange(start, min(start + config.batch_size, depth))
         batch = gather_batch(vol_zyx, z, config.input_channels)  # (n, C, H, W)
@@ -75,7 +111,7 @@ def predict_slices(
         batch = np.ascontiguousarray(pad_slices(batch), dtype=np.float32)  # (n', C, H16, W16)
         scores = predict_batch(batch)  # (n', 14, H16, W16)
         _check_scores(scores, len(z), h, w)
-        lab, conf = labels_and_confidence(scores[: len(z), :, :h, :w], config.output)
-        labels_zyx[z] = lab
-        confidence_zyx[z] = conf
-    return labels_zyx, confidence_zyx
+        for name, value in reduce_scores(scores[: len(z), :, :h, :w], config).items():
+            if name in results:
+                results[name][z] = value
+    return tuple(results[name] for name in config.outputs)

@@ -198,7 +198,7 @@ def test_restore_raises_when_the_grid_differs(monkeypatch):
     image = phantom_ct(*GEOMETRIES["identity_int16"][:3])
     prepared = pipeline.prepare(image, SPEC)
     labels_zyx = np.zeros(prepared.vol_zyx.shape, np.uint8)
-    assert Grid.of(pipeline.restore(labels_zyx, prepared)) == Grid.of(image)
+    assert Grid.of(pipeline.restore(labels_zyx, prepared, method="nearest")) == Grid.of(image)
     honest = geometry.labels_to_image_grid
 
     def shifted(*args):
@@ -208,7 +208,7 @@ def test_restore_raises_when_the_grid_differs(monkeypatch):
 
     monkeypatch.setattr(geometry, "labels_to_image_grid", shifted)
     with pytest.raises(GridMismatchError, match="origin"):
-        pipeline.restore(labels_zyx, prepared)
+        pipeline.restore(labels_zyx, prepared, method="nearest")
 
 
 @pytest.mark.parametrize("name", GEOMETRIES)
@@ -218,7 +218,7 @@ def test_fast_restore_equals_itk_nearest_resampling(name):
     image = phantom_ct(size_xyz, tuple(s * 1.0373 for s in spacing_xyz), direction)
     prepared = pipeline.prepare(image, SPEC)
     labels_zyx = (prepared.vol_zyx * 13).astype(np.uint8)  # many label edges
-    fast = pipeline.restore(labels_zyx, prepared)
+    fast = pipeline.restore(labels_zyx, prepared, method="nearest")
     itk = geometry.labels_to_grid(geometry.image_from_zyx(labels_zyx, prepared.resampled), image)
     same = sitk.GetArrayViewFromImage(fast) == sitk.GetArrayViewFromImage(itk)
     assert same.all(), f"{same.mean():.6f} of voxels agree"
