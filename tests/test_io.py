@@ -88,12 +88,11 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
     }
 
 
-def write_good_inputs(folder: Path) -> list[str]:
+def good_inputs() -> dict[str, sitk.Image]:
     """Unusual but valid cases: one slice, 10 mm slices, oblique, five pixel types, in-plane 64 to 1024."""
-    folder.mkdir(parents=True, exist_ok=True)
     c, s = np.cos(np.radians(10.0)), np.sin(np.radians(10.0))
     oblique = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)  # 10 degrees about the patient axis
-    cases = {
+    return {
         "single_slice_0000.nii.gz": _image(_ct((1, 96, 96))),
         "thick10mm.nii.gz": _image(_ct((5, 96, 96), np.int32), spacing=(0.9, 0.9, 10.0)),
         "oblique.nii": _image(_ct((6, 80, 80), np.float32), direction=oblique),
@@ -101,6 +100,12 @@ def write_good_inputs(folder: Path) -> list[str]:
         "doubles.nii.gz": _image(_ct((4, 64, 64), np.float64)),
         "wide1024.nii.gz": _image(_ct((2, 1024, 1024)), spacing=(0.4, 0.4, 2.5)),
     }
+
+
+def write_good_inputs(folder: Path) -> list[str]:
+    """Write `good_inputs()` into folder; return their file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = good_inputs()
     for name, image in cases.items():
         sitk.WriteImage(image, str(folder / name))
     return list(cases)
@@ -121,9 +126,15 @@ def test_absurd_size_is_refused_from_the_header_stating_the_limit(tmp_path):
 
 
 def test_unusual_valid_inputs_are_read_with_their_geometry(tmp_path):
-    for name in write_good_inputs(tmp_path):
+    write_good_inputs(tmp_path)
+    for name, written in good_inputs().items():
         image = io.read_ct(tmp_path / name)
-        assert image.GetDimension() == 3 and min(image.GetSpacing()) > 0, name
+        assert image.GetSize() == written.GetSize() and image.GetPixelID() == written.GetPixelID(), name
+        # NIfTI stores spacing and origin as float32 and the direction as a quaternion: round-off only.
+        np.testing.assert_allclose(image.GetSpacing(), written.GetSpacing(), rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(image.GetOrigin(), written.GetOrigin(), atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(image.GetDirection(), written.GetDirection(), atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(written), name)
 
 
 def test_write_mask_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch):
