@@ -24,9 +24,28 @@ def test_main_and_deep_supervision_shapes_follow_input_size(h, w, in_channels):
 
 
 def test_outputs_are_logits_not_probabilities():
+    """Both outputs are the 1x1 heads' affine outputs W f + b: with the heads' weights scaled by 50 and new biases,
+    (output - bias) scales by exactly 50. Any squashing after a head (softmax, log-softmax, sigmoid, clamp, tanh)
+    breaks that, and would make the values bounded or normalised per pixel."""
     torch.manual_seed(0)
-    main, _ = UNet(UNetConfig(width=4)).eval()(torch.randn(1, 1, 32, 32))
-    assert main.min() < 0 or not torch.allclose(main.sum(1), torch.ones(1, 32, 32))
+    model = UNet(UNetConfig(width=4)).eval()
+    heads = (model.head, model.aux_head)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        outputs = model(x)
+        biases = [head.bias.clone() for head in heads]
+        for head in heads:
+            head.weight.mul_(50.0)
+            head.bias.uniform_(-50.0, 50.0)
+        scaled = model(x)
+    for out, out_scaled, bias, head in zip(outputs, scaled, biases, heads, strict=True):
+        weight_term = out - bias[None, :, None, None]  # W f
+        torch.testing.assert_close(out_scaled - head.bias[None, :, None, None], 50.0 * weight_term, rtol=1e-4,
+                                   atol=1e-3)  # fmt: skip
+        ones = torch.ones(1, *out_scaled.shape[2:])
+        assert out_scaled.min() < -1.0 and out_scaled.max() > 1.0  # unbounded, both signs
+        assert not torch.allclose(out_scaled.sum(1), ones, atol=1e-2)  # not probabilities
+        assert not torch.allclose(out_scaled.exp().sum(1), ones, atol=1e-2)  # not log-probabilities
 
 
 def test_input_not_a_multiple_of_16_is_rejected_with_advice():
