@@ -10,13 +10,15 @@ For every ground-truth case `NAME.nii.gz` in GT_DIR, the prediction `PRED_DIR/NA
 - NSD with DeepMind's surface-distance algorithm at the FLARE22 tolerances (`flare_infer.metrics`);
 - every score rounded to 4 decimals per case (numpy rounding of the float64, as `round()` on the
   organisers' numpy floats did).
-CSV columns as the organisers' script writes them: Name, the 13 `*_DSC`, the 13 `*_NSD`.
+CSV columns as the organisers' script writes them: Name, the 13 `*_DSC`, the 13 `*_NSD`; every
+number written as a float (`1.0`, `0.0`, `0.9523`), NaN as an empty cell.
 Library: `evaluate_case` (in-memory images or arrays, for training) and `evaluate_folder`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -26,10 +28,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from flare_infer.labels import AXIAL_RANGE_CUT_VALUES, ORGANS, Organ
-from flare_infer.metrics import dice, fast_surface_dice, organiser_spacing
+from flare_infer.metrics import dice, fast_surface_dice, find_boxes, organiser_spacing
 
 DSC_COLUMNS = tuple(f"{o.short}_DSC" for o in ORGANS)
 NSD_COLUMNS = tuple(f"{o.short}_NSD" for o in ORGANS)
@@ -67,10 +68,7 @@ class FolderResult:
 
 # ------------------------------------------------------------------------------- per organ
 def _round4(value: float) -> float:
-    # The organisers called round() on numpy float64 values, which rounds the numpy way. Their
-    # empty-mask rules gave Python ints (1, 0): kept as ints so the CSV is written as theirs was.
-    if isinstance(value, int):
-        return value
+    # The organisers called round() on numpy float64 values, which rounds the numpy way.
     return float(np.round(np.float64(value), 4))
 
 
@@ -122,8 +120,8 @@ def evaluate_arrays(
     # The organisers cast with np.uint8(...): same here, whatever the stored pixel type.
     gt_xyz = np.asarray(gt_xyz).astype(np.uint8, copy=False)
     pred_xyz = np.asarray(pred_xyz).astype(np.uint8, copy=False)
-    # Threads, not processes: scipy.ndimage releases the GIL in find_objects, correlate and the
-    # distance transform, and threads share the volumes without copying them.
+    # Threads, not processes: find_objects, numpy's array passes and the k-d tree release the GIL,
+    # and threads share the volumes without copying them.
     with ThreadPoolExecutor(max(1, workers)) as pool:
         boxes_gt, boxes_pred = pool.map(_label_boxes, (gt_xyz, pred_xyz))
         results: dict[int, tuple[float, float]] = {}
@@ -147,8 +145,8 @@ def evaluate_arrays(
 
 
 def _label_boxes(labels_xyz: np.ndarray) -> dict[int, tuple[slice, slice, slice]]:
-    """Bounding box of every organ label in one pass over the volume."""
-    found = ndimage.find_objects(labels_xyz, max_label=len(ORGANS))
+    """Bounding box of every organ label in one pass over the volume (in memory order)."""
+    found = find_boxes(labels_xyz, max_label=len(ORGANS))
     return {value: box for value, box in enumerate(found, start=1) if box is not None}
 
 
@@ -202,12 +200,15 @@ def _warn_if_grids_differ(pred, gt, name: str) -> None:
 
 def _evaluate_file_pair(args) -> CaseScores:
     pred_path, gt_path, flare_2024, threads = args
-    gt = _read_labels(gt_path)
+    paths = [gt_path] if pred_path is None else [gt_path, pred_path]
+    # Both files at once: ITK releases the GIL while it decompresses and parses.
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        gt, *pred = pool.map(_read_labels, paths)
     if pred_path is None:
         # Scored as an empty prediction: 0 for organs in the GT, 1 for organs absent from both.
         pred = np.zeros(gt.GetSize()[::-1], np.uint8)
     else:
-        pred = _read_labels(pred_path)
+        pred = pred[0]
         if pred.GetSize() == gt.GetSize():
             _warn_if_grids_differ(pred, gt, gt_path.name)
     return evaluate_case(
@@ -222,11 +223,21 @@ def gt_cases(gt_dir: Path) -> list[Path]:
     return cases
 
 
-def evaluate_folder(pred_dir, gt_dir, *, flare_2024: bool = False, workers: int = 1) -> FolderResult:
+def default_workers() -> int:
+    """The cores this process may run on (affinity/cgroup aware where the OS tells), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def evaluate_folder(pred_dir, gt_dir, *, flare_2024: bool = False, workers: int | None = None) -> FolderResult:
     """Score every GT case against the prediction of the same name.
 
-    workers > 1: cases in a process pool (at most one process per case), organs in threads with the rest.
+    workers (default: the cores allowed) > 1: cases in a process pool (at most one process per case),
+    organs in threads with the rest; a single case reads its two files and scores its organs in threads.
     """
+    workers = workers or default_workers()
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     jobs, missing = [], []
     for gt_path in gt_cases(gt_dir):
@@ -254,22 +265,19 @@ def evaluate_folder(pred_dir, gt_dir, *, flare_2024: bool = False, workers: int 
 
 
 # --------------------------------------------------------------------------------- reports
-def _csv_value(value, int_column: bool) -> str:
-    # pandas' to_csv as the organisers used it: a column of only ints (every case decided by the
-    # empty-mask rules) is written as ints, any other as floats (repr), NaN as an empty cell.
-    if int_column:
-        return str(int(value))
+def _csv_value(value) -> str:
+    # Every number as a float (`0.9523`, `1.0`, `0.0`), NaN as an empty cell. The organisers' pandas wrote a
+    # column that only the empty-mask rules decided as ints (`1`, `0`); the numbers are the same, the
+    # mixed formatting is not kept (issue 17).
     value = float(value)
     return "" if math.isnan(value) else repr(value)
 
 
 def write_csv(cases: Sequence[CaseScores], path) -> None:
-    """Per-case CSV in the organisers' column order and number format."""
-    rows = [case.row() for case in cases]
-    int_columns = {c: all(isinstance(row[c], int) for row in rows) for c in CSV_COLUMNS[1:]}
+    """Per-case CSV in the organisers' column order; every number written as a float."""
     lines = [",".join(CSV_COLUMNS)]
-    for row in rows:
-        lines.append(",".join([str(row["Name"]), *(_csv_value(row[c], int_columns[c]) for c in CSV_COLUMNS[1:])]))
+    for row in (case.row() for case in cases):
+        lines.append(",".join([str(row["Name"]), *(_csv_value(row[c]) for c in CSV_COLUMNS[1:])]))
     Path(path).write_text("\n".join(lines) + "\n")
 
 
@@ -318,7 +326,7 @@ def main(
     csv: Path | None = None,
     markdown: Path | None = None,
     flare_2024: bool = False,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> int:
     result = evaluate_folder(pred_dir, gt_dir, flare_2024=flare_2024, workers=workers)
     if csv is not None:
@@ -341,8 +349,8 @@ def _cli() -> None:
         csv: Path | None = typer.Option(None, "--csv", help="per-case CSV in the organisers' column order"),
         markdown: Path | None = typer.Option(None, "--markdown", help="per-organ mean +/- std table"),
         flare_2024: bool = typer.Option(False, "--flare-2024", help="FLARE24 rule: NSD = 0 when DSC < 0.2"),
-        workers: int = typer.Option(
-            1, "--workers", min=1, help="parallel workers: cases in processes, organs in threads"
+        workers: int | None = typer.Option(
+            None, "--workers", min=1, help="parallel workers: cases in processes, organs in threads (default: cores)"
         ),
     ) -> None:
         raise typer.Exit(main(pred_dir, gt_dir, csv, markdown, flare_2024, workers))

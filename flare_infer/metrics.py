@@ -11,10 +11,10 @@ surfel area within tol of the GT) / (all GT + all prediction surfel area).
 Two implementations of the same algorithm, with the same numbers:
 - `reference_surface_distances` + `surface_dice_at_tolerance`: the organisers' code path as written
   (whole masks in, crop to the union bounding box, Python `sorted(zip(...))`).
-- `fast_surface_dice`: the distance transforms only on the part of the union box where a surfel can
-  be within `tol` of the other surface (each mask's box grown by the tolerance in voxels per axis
-  plus one voxel, intersected); surfels outside that window are more than `tol` away by
-  construction. Sorting by numpy instead of Python.
+- `fast_surface_dice`: no distance transform at all. Each mask's surfels come from its own bounding
+  box; the distance of a surfel to the other surface is the distance to the nearest surfel of the
+  other mask, found by a k-d tree searched only up to `tol` (surfels farther away are misses, and
+  get inf), recomputed with the distance transform's own formula. Sorting by numpy instead of Python.
 
 Arrays are in the organisers' axis order: (x, y, z) as nibabel loads a NIfTI, with the spacing
 (x, y, z) from the header. Pure numpy + scipy; `python -m flare_infer.evaluate` is the command.
@@ -112,11 +112,23 @@ def dice(mask_gt: np.ndarray, mask_pred: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------- shared
+def find_boxes(labels: np.ndarray, max_label: int = 0) -> list[tuple[slice, ...] | None]:
+    """`ndimage.find_objects`, run in memory order.
+
+    The (x, y, z) arrays here are usually transposed views of SimpleITK's (z, y, x) ones (or crops of
+    them): the pass runs over the transpose, which is in memory order, and the boxes are transposed
+    back (5x less CPU for a 512 x 512 x 300 volume than striding through the view).
+    """
+    if labels.flags.f_contiguous and not labels.flags.c_contiguous:
+        return [None if box is None else box[::-1] for box in ndimage.find_objects(labels.T, max_label)]
+    return ndimage.find_objects(labels, max_label)
+
+
 def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Inclusive (min, max) voxel index per axis of a bool mask, or None when empty."""
     if mask.size == 0:  # a GT organ on one slice, cut to [z_min, z_max): nothing left
         return None
-    found = ndimage.find_objects(mask.astype(np.uint8, copy=False))
+    found = find_boxes(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8, copy=False))
     if not found or found[0] is None:
         return None
     box = found[0]
@@ -126,10 +138,23 @@ def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 def _neighbour_codes(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Neighbour code of every grid corner of mask[lo:hi + 1], as DeepMind computes it.
 
-    The crop gets one zero voxel appended per axis; `correlate` in constant mode supplies the zero
-    in front. Output index i is the corner between voxels lo + i - 1 and lo + i (shape n + 2; the
-    last index per axis is always code 0).
+    DeepMind correlates the mask with `ENCODE_KERNEL` (zero outside); here the same sum of the 8
+    weighted neighbours is built from 8 shifted views of a zero-padded copy (weights are distinct
+    bits, so OR is the sum): equal to `ndimage.correlate` (tests check it), 3x faster. Output index i
+    is the corner between voxels lo + i - 1 and lo + i (shape n + 1; the last index per axis is
+    always code 0).
     """
+    n = hi - lo + 1
+    padded = np.zeros(tuple(n + 2), np.uint8)
+    padded[1:-1, 1:-1, 1:-1] = mask[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
+    codes = np.zeros(tuple(n + 1), np.uint8)
+    for (a, b, c), weight in np.ndenumerate(ENCODE_KERNEL):
+        codes |= padded[a : a + n[0] + 1, b : b + n[1] + 1, c : c + n[2] + 1] << np.uint8(int(weight).bit_length() - 1)
+    return codes
+
+
+def _neighbour_codes_correlate(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """DeepMind's own computation of `_neighbour_codes` (`ndimage.correlate`), kept for the tests."""
     crop = np.zeros(tuple(hi - lo + 2), np.uint8)
     crop[:-1, :-1, :-1] = mask[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
     return ndimage.correlate(crop, ENCODE_KERNEL, mode="constant", cval=0)
@@ -205,24 +230,6 @@ def surface_dice_at_tolerance(distances: SurfaceDistances, tolerance_mm: float) 
 
 
 # --------------------------------------------------------------------------------------- fast
-def _window(
-    box_a: tuple[np.ndarray, np.ndarray], box_b: tuple[np.ndarray, np.ndarray], margin: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Global corner indices [lo, hi] where a surfel can be within tol of the other surface.
-
-    Corners of a mask with voxels [min, max] lie in [min, max + 1]. A surfel more than `margin`
-    voxels (> tol mm) outside the other mask's corner box along any axis is a miss; its nearest
-    partner within tol, if any, is in the same window, so the window's distance transform is exact
-    for every distance <= tol (and can only overestimate the others, which stay > tol).
-    """
-    lo = np.maximum(box_a[0] - margin, box_b[0] - margin)
-    hi = np.minimum(box_a[1] + 1 + margin, box_b[1] + 1 + margin)
-    # Every surfel lies in the union of the corner boxes: nothing outside it is needed.
-    lo = np.maximum(lo, np.minimum(box_a[0], box_b[0]))
-    hi = np.minimum(hi, np.maximum(box_a[1], box_b[1]) + 1)
-    return lo, hi
-
-
 def _surfels(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray, areas: np.ndarray):
     """Global corner coordinates (n, 3) and areas (n,) of a mask's surfels within its box [lo, hi]."""
     codes = _neighbour_codes(mask, lo, hi)
@@ -231,19 +238,29 @@ def _surfels(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray, areas: np.ndarray
     return coords, areas[codes[borders]]
 
 
-def _distances_in_window(coords_from, coords_to, lo, hi, spacing_xyz) -> np.ndarray:
-    """Distance (mm) of each `coords_from` surfel to the nearest `coords_to` surfel inside [lo, hi]; inf outside."""
+def _distances_within(coords_from, coords_to, spacing_xyz, tolerance_mm: float) -> np.ndarray:
+    """Distance (mm) of each `coords_from` surfel to the nearest `coords_to` surfel; inf beyond `tolerance_mm`.
+
+    The reference's distance transform of the other mask's surfels, read at this mask's surfels, is
+    exactly the distance to the nearest other surfel; a k-d tree over the (few hundred thousand)
+    surfels finds it without transforming the (millions of voxels of the) box. Only hits matter, so
+    the search stops a hair past the tolerance; the distance of the neighbour found is then recomputed
+    from the integer corner offset with the distance transform's own formula and operation order
+    (offset * spacing, squared, summed over axes in order, square root), so a hit at exactly
+    `tolerance_mm` is a hit here as there.
+    """
+    from scipy.spatial import cKDTree  # lazy: only scoring needs it
+
     distances = np.full(len(coords_from), np.inf)
-    if np.any(hi < lo):
+    if len(coords_from) == 0 or len(coords_to) == 0:
         return distances
-    inside_to = np.all((coords_to >= lo) & (coords_to <= hi), axis=1)
-    inside_from = np.all((coords_from >= lo) & (coords_from <= hi), axis=1)
-    if not inside_to.any() or not inside_from.any():
-        return distances
-    borders = np.zeros(tuple(hi - lo + 1), bool)
-    borders[tuple((coords_to[inside_to] - lo).T)] = True
-    distmap = ndimage.distance_transform_edt(~borders, sampling=spacing_xyz)
-    distances[inside_from] = distmap[tuple((coords_from[inside_from] - lo).T)]
+    spacing = np.asarray(spacing_xyz, np.float64)
+    tree = cKDTree(coords_to * spacing, balanced_tree=False, compact_nodes=False)  # 2x faster build, same answers
+    _, nearest = tree.query(coords_from * spacing, distance_upper_bound=tolerance_mm * (1 + 1e-9) + 1e-9)
+    found = nearest < len(coords_to)
+    offsets = (coords_to[nearest[found]] - coords_from[found]).astype(np.float64) * spacing  # (n, 3) mm
+    squared = offsets * offsets
+    distances[found] = np.sqrt(squared[:, 0] + squared[:, 1] + squared[:, 2])
     return distances
 
 
@@ -255,10 +272,11 @@ def _sorted_sums(distances: np.ndarray, areas: np.ndarray, tolerance_mm: float) 
 
 
 def fast_surface_dice(mask_gt: np.ndarray, mask_pred: np.ndarray, spacing_xyz, tolerance_mm: float) -> float:
-    """NSD at `tolerance_mm` with the organisers' algorithm; distance transforms only where they matter.
+    """NSD at `tolerance_mm` with the organisers' algorithm; nearest surfels by k-d tree instead of distance maps.
 
     Same value as `surface_dice_at_tolerance(reference_surface_distances(...))` up to the order of
-    the floating-point sum of the total area (about 1e-16, invisible after rounding to 4 decimals).
+    the floating-point sum of the total area (misses are summed as inf-distance surfels: about 1e-16,
+    invisible after rounding to 4 decimals).
     NaN when both masks are empty, 0 when exactly one is.
     """
     _check_masks(mask_gt, mask_pred)
@@ -271,11 +289,8 @@ def fast_surface_dice(mask_gt: np.ndarray, mask_pred: np.ndarray, spacing_xyz, t
     areas = surfel_area_table(spacing)
     coords_gt, areas_gt = _surfels(mask_gt, *box_gt, areas)
     coords_pred, areas_pred = _surfels(mask_pred, *box_pred, areas)
-    # Grow by the tolerance in voxels per axis plus one voxel, so the window never cuts a hit.
-    margin = np.array([math.ceil(tolerance_mm / s) + 1 for s in spacing])
-    lo, hi = _window(box_gt, box_pred, margin)
-    d_gt = _distances_in_window(coords_gt, coords_pred, lo, hi, spacing)
-    d_pred = _distances_in_window(coords_pred, coords_gt, lo, hi, spacing)
+    d_gt = _distances_within(coords_gt, coords_pred, spacing, tolerance_mm)
+    d_pred = _distances_within(coords_pred, coords_gt, spacing, tolerance_mm)
     hit_gt, total_gt = _sorted_sums(d_gt, areas_gt, tolerance_mm)
     hit_pred, total_pred = _sorted_sums(d_pred, areas_pred, tolerance_mm)
     return float((hit_gt + hit_pred) / (total_gt + total_pred))

@@ -196,10 +196,10 @@ def test_csv_header_is_the_organisers(tmp_path):
         "Esophagus_DSC,Stomach_DSC,Duodenum_DSC,LK_DSC,Liver_NSD,RK_NSD,Spleen_NSD,Pancreas_NSD,Aorta_NSD,"
         "IVC_NSD,RAG_NSD,LAG_NSD,Gallbladder_NSD,Esophagus_NSD,Stomach_NSD,Duodenum_NSD,LK_NSD"
     )
-    # Liver, RK, Aorta computed (floats, as pandas writes them); the other 10 organs absent from
-    # both in the only case: the organisers' int 1, and a column of only ints is written as ints.
+    # Liver, RK, Aorta computed; the other 10 organs absent from both, decided by the empty-mask rule
+    # (which the organisers' pandas wrote as `1`): every number is written the same way, as a float.
     values = lines[1].split(",")[1:]
-    assert values[:13] == ["1.0", "1.0", "1", "1", "1.0", "1", "1", "1", "1", "1", "1", "1", "1"]
+    assert values[:13] == ["1.0"] * 13
     assert values[13:] == values[:13]
 
 
@@ -245,3 +245,81 @@ def test_single_slice_gt_aorta_is_cut_to_nothing_and_scored_nan_like_the_organis
     write_csv([scores], tmp_path / "s.csv")
     row = (tmp_path / "s.csv").read_text().splitlines()[1].split(",")
     assert row[5] == "" and row[13 + 5] == ""  # empty cells, as pandas writes NaN
+
+
+# ------------------------------------------------------------------- fast path = organisers' path
+def test_neighbour_codes_equal_deepminds_correlation():
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        mask = rng.random(tuple(rng.integers(1, 9, 3))) < 0.5
+        lo, hi = np.zeros(3, int), np.array(mask.shape) - 1
+        ours = metrics._neighbour_codes(mask, lo, hi)
+        theirs = metrics._neighbour_codes_correlate(mask, lo, hi)
+        assert ours.shape == theirs.shape and np.array_equal(ours, theirs)
+
+
+def test_nsd_counts_a_surfel_at_exactly_the_tolerance_like_the_reference():
+    # Shifted by 2 voxels of 1.5 mm along x: the trailing surfels lie at exactly 3.0 mm (exact in binary).
+    spacing = (1.5, 0.75, 1.25)
+    gt = np.zeros((14, 12, 12), bool)
+    gt[3:9, 3:9, 3:9] = True
+    pred = np.roll(gt, 2, axis=0)
+    for tol in (3.0, np.nextafter(3.0, 0.0)):
+        expected = metrics.surface_dice_at_tolerance(metrics.reference_surface_distances(gt, pred, spacing), tol)
+        assert metrics.fast_surface_dice(gt, pred, spacing, tol) == pytest.approx(expected, abs=1e-14)
+    assert metrics.fast_surface_dice(gt, pred, spacing, 3.0) > metrics.fast_surface_dice(
+        gt, pred, spacing, np.nextafter(3.0, 0.0)
+    )
+
+
+def _organisers_loop(pred_xyz: np.ndarray, gt_xyz: np.ndarray, spacing_xyz) -> dict[str, tuple[float, float]]:
+    """FLARE22_DSC_NSD_Eval.py's per-organ loop on whole volumes, with DeepMind's code path (the reference)."""
+    spacing = metrics.organiser_spacing(spacing_xyz)
+    scores = {}
+    for organ in evaluate.ORGANS:
+        i = organ.value
+        if not (gt_xyz == i).any():
+            dsc = nsd = 1 if not (pred_xyz == i).any() else 0
+        else:
+            z = np.where(gt_xyz == i)[2]
+            cut = slice(z.min(), z.max()) if i in evaluate.AXIAL_RANGE_CUT_VALUES else slice(None)
+            gt_i, pred_i = gt_xyz[:, :, cut] == i, pred_xyz[:, :, cut] == i
+            dsc = metrics.dice(gt_i, pred_i)
+            distances = metrics.reference_surface_distances(gt_i, pred_i, spacing)
+            nsd = metrics.surface_dice_at_tolerance(distances, organ.nsd_tolerance_mm)
+        scores[organ.short] = (float(np.round(np.float64(dsc), 4)), float(np.round(np.float64(nsd), 4)))
+    return scores
+
+
+def _thirteen_organ_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Z, Y, X) GT with 13 blobs of different sizes, and a network-like prediction (shift, ragged edge, strays)."""
+    rng = np.random.default_rng(seed)
+    shape = (30, 40, 44)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    gt = np.zeros(shape, np.uint8)
+    for value in range(1, 14):
+        centre = rng.uniform(0.2, 0.8, 3) * shape
+        radii = rng.uniform(1.5, 8.0, 3)
+        inside = sum(((c - m) / r) ** 2 for c, m, r in zip((z, y, x), centre, radii, strict=True)) <= 1
+        gt[inside] = value
+    pred = np.roll(gt, (1, -1, 1), axis=(0, 1, 2))
+    pred[(rng.random(shape) < 0.1) & (pred > 0)] = 0
+    pred[rng.integers(0, 30), rng.integers(0, 40), rng.integers(0, 44)] = 3  # a stray voxel
+    return gt, pred
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_evaluation_equals_the_organisers_loop_on_13_organ_cases(seed):
+    gt, pred = _thirteen_organ_case(seed)
+    spacing = (0.8, 0.8, 2.5)  # not exact in float32: the organisers' float32 zooms matter
+    expected = _organisers_loop(pred.transpose(2, 1, 0), gt.transpose(2, 1, 0), spacing)
+    for workers in (1, 2):
+        scores = evaluate_case(pred, gt, spacing_xyz=spacing, workers=workers)
+        assert {o.short: (scores.dsc[o.short], scores.nsd[o.short]) for o in evaluate.ORGANS} == expected
+
+
+def test_boxes_of_a_transposed_view_are_the_boxes_of_its_copy():
+    gt, _ = _thirteen_organ_case(0)
+    view = gt.transpose(2, 1, 0)  # what evaluate_case makes of SimpleITK's (Z, Y, X) array
+    assert view.flags.f_contiguous and not view.flags.c_contiguous
+    assert metrics.find_boxes(view, 13) == metrics.find_boxes(np.ascontiguousarray(view), 13)
