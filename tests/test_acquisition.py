@@ -116,6 +116,22 @@ def test_generated_scan_is_padded_outside_the_circle_with_labels_zero(geometry):
             assert not (img[~outside] == value).any()
 
 
+def test_a_tight_field_of_view_cuts_organs_and_the_circle_unlabels_them():
+    # The same draws with and without padding give the same grid and patient: the unpadded label shows
+    # what the circle cut. A tight field of view; seed 4 puts organ voxels outside the circle.
+    tight = replace(WIDE_ACQUISITION, fov_margin=(0.8, 0.9))
+    padded = generate_case(4, WIDE_DOMAIN, "small", geometry="oblique",
+                           acquisition=replace(tight, padding_weights=(0.0, 1.0, 0.0, 0.0, 0.0)))
+    unpadded = generate_case(4, WIDE_DOMAIN, "small", geometry="oblique",
+                             acquisition=replace(tight, padding_weights=(1.0, 0.0, 0.0, 0.0, 0.0)))
+    _assert_same_grid(padded[0], unpadded[0])
+    (img, lab), (_, lab_full) = _arrays(*padded), _arrays(*unpadded)
+    outside = np.broadcast_to(outside_circle_zyx(Grid.of(padded[0])), lab.shape)
+    assert (lab_full[outside] > 0).sum() > 100, "precondition: organs reach outside the circle"
+    assert (lab[outside] == 0).all() and (img[outside] == -1024).all()
+    assert np.array_equal(lab[~outside], lab_full[~outside])
+
+
 def test_table_is_background_and_lies_under_the_body():
     seed = _seed_where(WIDE_ACQUISITION, lambda a: a.table is not None and a.padding is None and a.z_cut == "none")
     with_table = generate_case(seed, WIDE_DOMAIN, "small", geometry="ras", acquisition=WIDE_ACQUISITION)
@@ -248,9 +264,9 @@ def test_crop_fov_to_body_keeps_the_body_and_its_positions(examples, name):
     # The crop's first voxel sits where it sat in the original.
     start = image.TransformPhysicalPointToIndex(cropped.GetOrigin())
     assert image[start] == cropped[0, 0, 0]
-    # A negative margin cuts the body's sides; margin 0 keeps every body voxel.
+    # Margins >= 0 keep every body voxel; a negative one cuts the body's sides.
     body = lambda img: int((sitk.GetArrayViewFromImage(img) > -500).sum())  # noqa: E731
-    assert body(crop_fov_to_body(image, label)[0]) == body(image)
+    assert body(cropped) == body(crop_fov_to_body(image, label)[0]) == body(image)
     assert body(crop_fov_to_body(image, label, margin_mm=-20.0)[0]) < 0.95 * body(image)
 
 
