@@ -29,7 +29,14 @@ from training.acquisition import (
     reconstruct,
     widen_fov,
 )
-from training.phantoms import LABELLED_DOMAIN, WIDE_DOMAIN, _sample, generate_case, generate_dataset
+from training.phantoms import (
+    LABELLED_DOMAIN,
+    WIDE_DOMAIN,
+    _sample,
+    case_from_record,
+    generate_case,
+    generate_dataset,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE_NAMES = ("FLARE22_Ex_0001", "FLARE22_Ex_0002")  # LPS and oblique
@@ -44,8 +51,12 @@ def _arrays(image: sitk.Image, label: sitk.Image) -> tuple[np.ndarray, np.ndarra
     return sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label)
 
 
-def _assert_same_grid(a: sitk.Image, b: sitk.Image) -> None:
-    assert Grid.of(a) == Grid.of(b), f"{Grid.of(a)} != {Grid.of(b)}"
+def _assert_same_grid(a: sitk.Image, b: sitk.Image, atol: float = 0.0) -> None:
+    """Identical grids; `atol` (mm) for one read back from NIfTI (float32 header fields)."""
+    ga, gb = Grid.of(a), Grid.of(b)
+    assert ga.size_xyz == gb.size_xyz, f"{ga} != {gb}"
+    for name in ("spacing_xyz", "origin_xyz", "direction"):
+        assert np.allclose(getattr(ga, name), getattr(gb, name), rtol=0, atol=atol), f"{ga} != {gb}"
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +187,13 @@ def test_dataset_json_records_the_acquisition_and_none_gives_clean_scans(tmp_pat
     clean, _ = generate_case(off["cases"]["FLARE22_Tr_0001_0000.nii.gz"]["seed"], LABELLED_DOMAIN, "small")
     written = sitk.ReadImage(str(tmp_path / "off" / "labelled" / "images" / "FLARE22_Tr_0001_0000.nii.gz"))
     assert np.array_equal(sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(clean))
+    # A case's record regenerates it (hidden truth of unlabelled cases): same grid, same voxels.
+    again, again_label = case_from_record(case)
+    written = sitk.ReadImage(str(tmp_path / "on" / "validation" / "images" / "FLARETs_0001_0000.nii.gz"))
+    written_label = sitk.ReadImage(str(tmp_path / "on" / "validation" / "labels" / "FLARETs_0001.nii.gz"))
+    _assert_same_grid(again, written, atol=1e-3)
+    assert np.array_equal(sitk.GetArrayViewFromImage(again), sitk.GetArrayViewFromImage(written))
+    assert np.array_equal(sitk.GetArrayViewFromImage(again_label), sitk.GetArrayViewFromImage(written_label))
 
 
 def test_cli_help_lists_the_acquisition_choices():

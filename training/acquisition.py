@@ -204,6 +204,7 @@ WIDE_ACQUISITION = AcquisitionConfig(
     blur_scale=(0.7, 1.6), sharp_rate=0.3, sharp_gain=(0.3, 1.2), z_cut_rate=0.2,
     z_cut_top_mm=(60.0, 140.0), z_cut_bottom_mm=(-90.0, -10.0),
 )
+ACQUISITIONS = {c.name: c for c in (LABELLED_ACQUISITION, WIDE_ACQUISITION)}  # by name, as dataset.json records it
 ACQUISITION_BY_SPLIT = {"labelled": LABELLED_ACQUISITION, "unlabelled": WIDE_ACQUISITION,
                         "validation": WIDE_ACQUISITION}
 ACQUISITION_STREAM = 0xAC9  # the acquisition stream's key beside the case seed

@@ -32,6 +32,7 @@ import SimpleITK as sitk
 from flare_infer.labels import LABEL_NAMES
 from training.acquisition import (
     ACQUISITION_BY_SPLIT,
+    ACQUISITIONS,
     GEOMETRIES,
     GEOMETRY_WEIGHTS,
     PIXEL_TYPE_WEIGHTS,
@@ -738,6 +739,17 @@ def generate_case(seed: int, domain: DomainConfig = LABELLED_DOMAIN, size: str =
     """
     image, label, _ = _generate(seed, domain, size, geometry, acquisition)
     return image, label
+
+
+def case_from_record(record: dict) -> tuple[sitk.Image, sitk.Image]:
+    """Regenerate a case of a written set from its dataset.json record (`meta["cases"][name]`): same voxels.
+
+    The record names the domain, size, drawn geometry and acquisition (None for a clean scan), so
+    the hidden truth of an "unlabelled" case comes out on exactly the grid of the file on disk.
+    """
+    acq = record.get("acquisition")
+    return generate_case(record["seed"], DOMAINS[record["domain"]], record["size"], geometry=record["geometry"],
+                         acquisition=ACQUISITIONS[acq["config"]] if acq else None)
 
 
 def _generate(seed: int, domain: DomainConfig, size: str, geometry: str | None,
