@@ -12,7 +12,8 @@ Interface (stable; the student builds on it):
     SliceDataset(cases, SliceConfig(...), augmenter=None) -> {"image": (C, P, P) f32, "label": (P, P) i64[, "weight"]}
     make_sampler(dataset, oversample, seed, rank, world_size) -> Sampler | None   # None: the loader shuffles
     make_loader(dataset, batch_size=, workers=, oversample=, seed=, rt=) -> DataLoader  # both phases' training loader
-    set_loader_epoch(loader, epoch)                        # reseed its sampler (no-op for the plain shuffle)
+    set_loader_epoch(loader, epoch)                        # the epoch's order and per-item seeds
+    EpochSampler(order, n, seed, rank)                    # (index, seed) pairs: items depend on (seed, epoch) only
     OrganBalancedSampler(presence, fraction, seed, rank, world_size)  # per-organ slice oversampling
 
 Layouts accepted (the first that matches):
@@ -28,7 +29,8 @@ deployed code) and `label_on_prepared`, then is stored as `.npy` files read back
 mantissa keeps ~5e-4 steps, well under the ~1/4000 of an HU step after normalisation that matters)
 and `<root>/<NAME>.label.npy` uint8. `<root>` is keyed by a hash of the spec's preprocessing
 fields (spacing, normalisation), so all folds, both phases and any `input_channels` share it, and
-a change of spacing makes a new one. Files are written atomically, so a killed build resumes.
+a change of spacing makes a new one. Files are written atomically (`training.utils.write_atomic`), so a
+killed build resumes, and a dead writer's temporary files are removed when the next build starts.
 The student adds `<NAME>.pseudo.npy` / `<NAME>.weight.npy` beside them and builds `CachedCase`s
 pointing at them.
 """
@@ -40,6 +42,7 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -52,7 +55,7 @@ from flare_infer import io
 from flare_infer.labels import NUM_CLASSES
 from flare_infer.spec import ModelSpec
 from training.augment import Augmenter
-from training.utils import Runtime
+from training.utils import Runtime, exit_with, remove_stale_tmp, write_atomic
 
 
 class DatasetError(ValueError):
@@ -175,9 +178,7 @@ def cache_root(spec: ModelSpec, cache_dir: str | Path) -> Path:
 
 
 def save_npy_atomic(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: np.save(tmp, array))
 
 
 def _cached(case: CaseFiles, root: Path) -> CachedCase:
@@ -214,6 +215,7 @@ def build_cache(
     """Preprocess every case not yet cached (process pool of `workers`), return all as CachedCase."""
     root = cache_root(spec, cache_dir)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(root)  # a killed build's half-written files
     (root / "preprocessing.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     todo = [c for c in cases if not _is_done(_cached(c, root))]
     if todo:
@@ -224,8 +226,10 @@ def build_cache(
                     _prepare_one(case, spec.to_dict(), root)
                     progress.advance(task)
             else:
-                # forkserver: torch's threads in the parent make fork unsafe.
-                with ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) as pool:
+                # forkserver: torch's threads in the parent make fork unsafe. exit_with: die with this process.
+                with ProcessPoolExecutor(
+                    workers, mp_context=get_context("forkserver"), initializer=exit_with, initargs=(os.getpid(),)
+                ) as pool:
                     futures = [pool.submit(_prepare_one, c, spec.to_dict(), root) for c in todo]
                     for fut in as_completed(futures):
                         fut.result()
@@ -271,7 +275,10 @@ class SliceDataset(torch.utils.data.Dataset):
             self._open[i] = (c.image(), c.label(), c.weight())
         return self._open[i]
 
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Item `key`: an index (crop and augmentation drawn from the worker's RNG), or (index, seed) from
+        `EpochSampler` (drawn from `seed` alone: the same item whichever worker makes it, resumed or not)."""
+        k, seed = key if isinstance(key, tuple) else (key, None)
         i, z = self.index[k]
         image_zyx, label_zyx, weight_zyx = self._arrays(i)
         half = self.cfg.in_channels // 2
@@ -281,13 +288,15 @@ class SliceDataset(torch.utils.data.Dataset):
         weight = None
         if weight_zyx is not None:
             weight = _pad_to(np.asarray(weight_zyx[z], dtype=np.float32), self.cfg.patch_size)
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))  # torch's per-worker seed
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed)
         y0 = int(rng.integers(0, image.shape[-2] - self.cfg.patch_size + 1))
         x0 = int(rng.integers(0, image.shape[-1] - self.cfg.patch_size + 1))
         crop = np.s_[..., y0 : y0 + self.cfg.patch_size, x0 : x0 + self.cfg.patch_size]
         image, label = image[crop], label[crop]
         weight = None if weight is None else weight[crop]
         if self.augmenter is not None:
+            if seed is not None:
+                self.augmenter.reseed(int(rng.integers(0, 2**31 - 1)))
             image, label, weight = self.augmenter(image, label, weight)
         item = {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "label": torch.from_numpy(label.astype(np.int64))}  # fmt: skip
@@ -356,25 +365,61 @@ def make_sampler(dataset: SliceDataset, oversample: float, seed: int, rank: int 
     return None
 
 
+class EpochSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """The training loader's sampler: the epoch's slice order, each index paired with a seed for its crop and
+    augmentation, all a function of (seed, epoch[, rank]).
+
+    `order` is `make_sampler`'s sampler (reseeded through its set_epoch) or None: a seeded shuffle of all `n`
+    (the paper's). Because an item's randomness rides with its index instead of living in a worker's RNG,
+    which persists across epochs with persistent workers and is lost in a kill, an epoch after a --resume
+    draws exactly the items and augmentations the uninterrupted run drew, with any number of workers.
+    """
+
+    def __init__(self, order: torch.utils.data.Sampler | None, n: int, seed: int, rank: int = 0) -> None:
+        self.order, self.n, self.seed, self.rank, self.epoch = order, n, seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.order, "set_epoch"):
+            self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.n if self.order is None else len(self.order)
+
+    def __iter__(self):
+        if self.order is None:
+            indices = np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
+        else:
+            indices = list(self.order)
+        seeds = np.random.default_rng([self.seed, self.epoch, self.rank, 1]).integers(0, 2**63 - 1, len(indices))
+        return iter(zip(indices, seeds.tolist(), strict=True))
+
+
 def make_loader(dataset: SliceDataset, *, batch_size: int, workers: int, oversample: float, seed: int,
                 rt: Runtime) -> torch.utils.data.DataLoader:  # fmt: skip
-    """The training DataLoader of both phases: `make_sampler`'s sampler (or a shuffle), per-worker seeds."""
-    sampler = make_sampler(dataset, oversample, seed, rt.rank, rt.world_size)
+    """The training DataLoader of both phases: `make_sampler`'s order (or a shuffle) with per-item seeds
+    (`EpochSampler`); its workers exit when this process dies (`worker_init`)."""
+    order = make_sampler(dataset, oversample, seed, rt.rank, rt.world_size)
+    sampler = EpochSampler(order, len(dataset), seed, rt.rank)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, num_workers=workers,
-        pin_memory=rt.is_cuda, worker_init_fn=worker_init, persistent_workers=workers > 0,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=rt.is_cuda,
+        worker_init_fn=partial(worker_init, trainer_pid=os.getpid()), persistent_workers=workers > 0,
         drop_last=False, multiprocessing_context="forkserver" if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),  # its worker-seed draw leaves the global RNG alone
     )  # fmt: skip
 
 
 def set_loader_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
-    """Reseed the loader's sampler for `epoch` (DistributedSampler, OrganBalancedSampler); a shuffle needs nothing."""
+    """Reseed the loader's sampler for `epoch` (EpochSampler, DistributedSampler, OrganBalancedSampler)."""
     if hasattr(getattr(loader, "sampler", None), "set_epoch"):
         loader.sampler.set_epoch(epoch)
 
 
-def worker_init(worker_id: int) -> None:
-    """DataLoader worker_init_fn: give each worker's augmenter its own seed (from torch's worker seed)."""
+def worker_init(worker_id: int, trainer_pid: int | None = None) -> None:
+    """DataLoader worker_init_fn: give each worker's augmenter its own seed (from torch's worker seed; items
+    from `EpochSampler` reseed it per item), and exit when `trainer_pid` dies (a SIGKILL leaves no worker)."""
+    if trainer_pid is not None:
+        exit_with(trainer_pid)
     info = torch.utils.data.get_worker_info()
     aug = getattr(info.dataset, "augmenter", None)
     if aug is not None:

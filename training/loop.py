@@ -20,11 +20,15 @@ Interface (stable; the student builds on it):
     validate_fn(model, epoch) -> {"val_dsc": ...}: runs on rank 0 only, on the unwrapped model in
         eval mode, every cfg.val_every epochs and at the last epoch.
 
-Checkpoints (RUN_DIR/last.pt every epoch, RUN_DIR/best.pt when cfg.monitor improves; both written
+Checkpoints (RUN_DIR/last.pt every epoch, then RUN_DIR/best.pt when cfg.monitor improves; both written
 atomically by rank 0): model state, meta (the caller's "model_config", "spec", "train_config"),
-metrics history, epoch, optimizer, scheduler and grad-scaler state, git commit. `resume=True`
-restarts after the last completed epoch of last.pt, so a kill loses at most one epoch.
-Per-epoch metrics go to RUN_DIR/metrics.csv and RUN_DIR/curves.png (rewritten from the history).
+metrics history, epoch, optimizer, scheduler and grad-scaler state, the global RNG states, git commit.
+`resume=True` restarts after the last completed epoch of last.pt, so a kill loses at most one epoch, and
+the resumed run computes what the uninterrupted one would have (bit for bit on the CPU): RNG states are
+restored and the loaders' randomness is a function of (seed, epoch) (training.data.EpochSampler).
+On resume best.pt is reconciled with last.pt (`reconcile_best`), and a dead writer's temporary files in
+RUN_DIR are removed at every start. Per-epoch metrics go to RUN_DIR/metrics.csv and RUN_DIR/curves.png
+(rewritten from the history, also on resume).
 """
 
 from __future__ import annotations
@@ -46,10 +50,20 @@ from torch import nn
 
 from flare_infer.spec import ModelSpec
 from training.model import UNet, UNetConfig
-from training.utils import Runtime, amp_dtype, barrier, git_commit
+from training.utils import (
+    Runtime,
+    amp_dtype,
+    barrier,
+    git_commit,
+    remove_stale_tmp,
+    rng_state,
+    set_rng_state,
+    write_atomic,
+)
 
 # Test hook: with TRAINING_STOP_AFTER_EPOCH=N the process dies (no cleanup, exit 137) after epoch N's
 # checkpoint, which is what a kill at that moment leaves behind; tests use it to check --resume.
+# (training.utils.pause_point is the other hook: FLARE_TEST_PAUSE_AT=write:best.pt stops inside a write.)
 STOP_ENV = "TRAINING_STOP_AFTER_EPOCH"
 KILLED_EXIT = 137
 
@@ -109,12 +123,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def _state(model, optimizer, scheduler, scaler, epoch, history, best, meta) -> dict:
+def _state(model, optimizer, scheduler, scaler, epoch, history, best, meta, rt) -> dict:
     return {
         "model": unwrap(model).state_dict(),
         **meta,
@@ -124,6 +136,7 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, meta) -> d
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
+        "rng": rng_state(rt),  # rank 0's; the loaders' randomness is (seed, epoch) and needs no state
         "git_commit": git_commit(),
     }
 
@@ -143,10 +156,14 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") 
 # ----------------------------------------------------------------------------- metrics
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     keys = list(dict.fromkeys(k for row in history for k in row))
-    with open(run_dir / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(history)
+
+    write_atomic(run_dir / "metrics.csv", write)
     _plot(run_dir / "curves.png", history)
 
 
@@ -170,10 +187,8 @@ def _plot(path: Path, history: list[dict]) -> None:
     if val_keys:  # no validation yet: an empty legend would only warn
         ax[1].legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _mean_over_ranks(value: float, rt: Runtime) -> float:
@@ -235,12 +250,13 @@ def fit(
     run_dir = Path(run_dir)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(run_dir)  # a killed write's leftovers (only rank 0 writes here)
     meta = {"loop_config": asdict(cfg), **(meta or {})}
     dtype = amp_dtype(rt, cfg.amp)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
     history, best, start, step = [], None, 0, 0
     if resume:
-        history, best, start, step = _resume(run_dir, model, optimizer, scheduler, scaler, rt)
+        history, best, start, step = _resume(run_dir, model, optimizer, scheduler, scaler, cfg, rt)
     with _progress(rt) as progress:
         for epoch in range(start, cfg.epochs):
             items = batches(epoch)
@@ -270,15 +286,34 @@ def _fmt(key: str, value) -> str:
     return f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
 
 
+def _improves(score, best) -> bool:
+    return score is not None and (best is None or score > best)
+
+
+def best_epoch(history: list[dict], monitor: str) -> int | None:
+    """The 0-based epoch best.pt holds after `history` (_end_epoch's rule replayed): the first epoch with the
+    highest monitored score, or the latest epoch while none has been validated; None for no history."""
+    best, at = None, None
+    for row in history:
+        score = row.get(monitor)
+        if _improves(score, best):
+            best, at = score, int(row["epoch"]) - 1
+        elif best is None:
+            at = int(row["epoch"]) - 1
+    return at
+
+
 def _end_epoch(run_dir, model, optimizer, scheduler, scaler, epoch, history, best, meta, cfg, rt):
-    """Write metrics and checkpoints (rank 0); return the best monitored score so far."""
+    """Write checkpoints and metrics (rank 0); return the best monitored score so far.
+
+    last.pt before best.pt: a kill between the two leaves last.pt naming itself the best epoch while best.pt
+    holds the previous one, which `reconcile_best` repairs by copying last.pt. The other order would leave
+    best.pt holding an epoch that the resumed run redoes, the previous best's weights already gone."""
     if not rt.is_main:
         return best
-    row = history[-1]
-    score = row.get(cfg.monitor)
-    improved = score is not None and (best is None or score > best)
-    best = score if improved else best
-    state = _state(model, optimizer, scheduler, scaler, epoch, history, best, meta)
+    improved = _improves(history[-1].get(cfg.monitor), best)
+    best = history[-1][cfg.monitor] if improved else best
+    state = _state(model, optimizer, scheduler, scaler, epoch, history, best, meta, rt)
     save_checkpoint(run_dir / "last.pt", state)
     if improved or best is None:  # no validation yet: best.pt is the latest
         save_checkpoint(run_dir / "best.pt", state)
@@ -286,7 +321,28 @@ def _end_epoch(run_dir, model, optimizer, scheduler, scaler, epoch, history, bes
     return best
 
 
-def _resume(run_dir: Path, model, optimizer, scheduler, scaler, rt: Runtime):
+def reconcile_best(run_dir: Path, last: dict, monitor: str) -> bool:
+    """Make RUN_DIR/best.pt hold the epoch last.pt's history names best; True if it had to be rewritten.
+
+    Only a kill between last.pt's rename and best.pt's leaves them apart, and then the best epoch is
+    last.pt's own, so last.pt is copied. Any other disagreement (best.pt deleted or replaced by hand) has
+    lost the best weights: raised, since teacher.json and export would pick a wrong checkpoint."""
+    path = run_dir / "best.pt"
+    want = best_epoch(last["metrics"], monitor)
+    held = torch.load(path, map_location="cpu", weights_only=False)["epoch"] if path.is_file() else None
+    if held == want:
+        return False
+    if want != last["epoch"]:
+        raise RuntimeError(
+            f"{path} holds epoch {None if held is None else held + 1}, but last.pt's history makes epoch {want + 1} "
+            f"the best ({monitor}), and only last.pt (epoch {last['epoch'] + 1}) is left to copy: restore that "
+            f"best.pt, or train again without --resume"
+        )
+    save_checkpoint(path, last)
+    return True
+
+
+def _resume(run_dir: Path, model, optimizer, scheduler, scaler, cfg: LoopConfig, rt: Runtime):
     path = run_dir / "last.pt"
     if not path.is_file():
         return [], None, 0, 0
@@ -295,10 +351,16 @@ def _resume(run_dir: Path, model, optimizer, scheduler, scaler, rt: Runtime):
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
-    epoch = int(ckpt["epoch"])
+    if "rng" in ckpt:  # absent from checkpoints written before the RNG states were saved
+        set_rng_state(ckpt["rng"], rt)
+    epoch, history = int(ckpt["epoch"]), list(ckpt["metrics"])
     if rt.is_main:
         print(f"resuming {run_dir} after epoch {epoch + 1}")
-    return list(ckpt["metrics"]), ckpt.get("best_score"), epoch + 1, int(scheduler.last_epoch)
+        if reconcile_best(run_dir, ckpt, cfg.monitor):
+            print(f"{run_dir / 'best.pt'}: a kill had left it behind last.pt's best epoch; rewritten from last.pt")
+        write_metrics(run_dir, history)  # a kill after the checkpoints but before metrics.csv
+    barrier(rt)
+    return history, ckpt.get("best_score"), epoch + 1, int(scheduler.last_epoch)
 
 
 def total_steps(epochs: int, steps_per_epoch: int) -> int:

@@ -23,7 +23,9 @@ pairwise Dice between the members' own argmaxes (agreement; `training.teacher.co
 empty-organ rule), computed while labelling at no extra cost, so `--drop-disagreeing` can be changed
 without relabelling.
 
-Resumable: a case whose record exists is skipped; every file is written atomically. Sharded:
+Resumable: a case whose record exists is skipped; every file is written atomically, and the temporary
+files of a killed writer (`.NAME.PID@HOST.tmp.npy`) are removed at the next start by one process per
+host, only those whose PID is dead on that host (other ranks and jobs may be writing). Sharded:
 under torchrun rank r labels cases r::world_size (each case exactly once); each rank appends the
 names it labelled to `labelled-by-rank<r>.txt` in the store (the test checks them).
 """
@@ -46,7 +48,7 @@ from flare_infer.labels import NUM_CLASSES
 from flare_infer.pipeline import predict_volume, prepare
 from training.data import CachedCase, CaseFiles, build_cache, cache_root, discover_unlabelled, save_npy_atomic
 from training.teacher import Teacher, load_teacher
-from training.utils import Runtime, barrier
+from training.utils import Runtime, barrier, remove_stale_tmp, write_atomic
 
 CONFIDENCE_SCALE = 255  # confidence stored as uint8: round(255 * p_max); resolution 0.004, half the bytes of float16
 
@@ -115,9 +117,7 @@ def confidence_mask(confidence_q: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def _write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
 
 
 def label_case(case: CaseFiles, teacher: Teacher, store: PseudoStore, cfg: PseudoConfig, rt: Runtime) -> dict:
@@ -217,6 +217,9 @@ def make_pseudo_labels(unlabelled: str | Path, teacher: Teacher, cache_dir: str 
     """Label every selected unlabelled case not done yet (this rank's share); return the store and all names."""
     cases = select_cases(discover_unlabelled(unlabelled), cfg.unlabelled_fraction, cfg.seed)
     store = PseudoStore.for_teacher(teacher, cache_dir)
+    if rt.local_rank == 0:  # one process per host: its dead writers' files (live ranks' and other hosts' kept)
+        for folder in (store.root, store.dir):
+            remove_stale_tmp(folder)
     if rt.is_main:
         store.dir.mkdir(parents=True, exist_ok=True)
         _write_json_atomic({"teacher": teacher.source, "members": len(teacher.models), "spec": teacher.spec.to_dict()},

@@ -1,17 +1,39 @@
-"""Small shared helpers for training: seeding, git commit, device choice, the distributed runtime.
+"""Small shared helpers for training: seeding, RNG states, git commit, device choice, the distributed runtime,
+atomic writes, helper processes that die with the trainer.
 
     python -c "from training.utils import setup_runtime; print(setup_runtime('auto'))"
 
 `setup_runtime(device)` reads torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK): with
 WORLD_SIZE > 1 it initialises the process group (NCCL on CUDA, gloo on CPU) and pins each rank
 to its GPU; otherwise it is a plain single-process runtime. Only `Runtime.is_main` (rank 0) writes.
+
+Kill safety (a SIGKILL at any moment leaves nothing behind; see docs/TRAINING.md "Kills and resume"):
+- `write_atomic(path, write)`: `write(tmp)` then `os.replace`; the temporary file is named
+  `.NAME.PID@HOST.tmp.EXT`, so `remove_stale_tmp(folder)` can tell a dead writer's leftovers (removed)
+  from a live one's (kept: another torchrun rank, another job on the same cache).
+- `exit_with(pid)`: a helper process (DataLoader worker, cache-building worker) exits as soon as the
+  trainer `pid` dies. Needed because those helpers are children of the multiprocessing forkserver,
+  whose own liveness check waits for them: without it a kill leaves the forkserver, the workers and
+  the resource tracker running for good.
+- Test hook FLARE_TEST_PAUSE_AT=PATTERN[@N]: the N-th (default first) `pause_point` whose name matches
+  the fnmatch PATTERN prints `FLARE_TEST_PAUSE_AT <point> pid <PID>` to stderr and sleeps, so a test can
+  SIGKILL the process at that moment. Points: `write:<file name>` between a temporary file's write
+  and its rename (e.g. `write:best.pt`, `write:*.pseudo.npy`). Unset, it costs one dict lookup.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import random
+import re
+import select
+import socket
 import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,3 +130,120 @@ def amp_dtype(rt: Runtime, amp: bool) -> torch.dtype | None:
     if not rt.is_cuda:
         return torch.bfloat16 if cpu_has_bf16() else None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ----------------------------------------------------------------------------- RNG states
+def rng_state(rt: Runtime) -> dict:
+    """Python, numpy and torch (and this rank's CUDA) global RNG states, for a checkpoint."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if rt.is_cuda:
+        state["cuda"] = torch.cuda.get_rng_state(rt.device)
+    return state
+
+
+def set_rng_state(state: dict, rt: Runtime) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if rt.is_cuda and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), rt.device)
+
+
+# ----------------------------------------------------------------------------- kill safety
+PAUSE_ENV = "FLARE_TEST_PAUSE_AT"
+_pause_hits = 0
+
+
+def pause_point(name: str) -> None:
+    """Test hook (see the module docstring): sleep here for good if FLARE_TEST_PAUSE_AT selects `name`."""
+    global _pause_hits
+    want = os.environ.get(PAUSE_ENV)
+    if not want:
+        return
+    pattern, _, nth = want.partition("@")
+    if not fnmatch.fnmatchcase(name, pattern):
+        return
+    _pause_hits += 1
+    if _pause_hits == int(nth or 1):
+        print(f"{PAUSE_ENV} {name} pid {os.getpid()}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)
+
+
+def tmp_path(path: Path) -> Path:
+    """Where `path` is written before its rename: `.NAME.PID@HOST.tmp.EXT` beside it (EXT kept for np.save, savefig)."""
+    return path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.tmp{path.suffix}")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then rename onto `path`: readers (and a resumed run) see the old file or the new, never a part."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        write(tmp)
+        pause_point(f"write:{path.name}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# `.NAME.PID@HOST.tmp[.EXT]`, and the older `.NAME.PID.tmp.npy` (host-less: read as this host's)
+_TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)(?:@(?P<host>[^/@]+?))?\.tmp(?:\.[A-Za-z0-9]+)?$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a zombie, killed but not yet reaped, counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): trust kill(0)
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Delete the temporary files in `folder` whose writer is dead: written on this host by a PID that no longer
+    runs. Others' are kept (a live rank or job may be about to rename them; another host's PIDs mean nothing
+    here). A PID reused by an unrelated process only delays the removal to a later start. Returns the removed."""
+    folder, host, removed = Path(folder), socket.gethostname(), []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = _TMP_NAME.match(path.name)
+        if m and (m["host"] or host) == host and not pid_alive(int(m["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def exit_with(pid: int, poll_s: float = 1.0) -> None:
+    """Make this process exit (os._exit) as soon as process `pid` (the trainer) dies: a daemon thread waits on a
+    pidfd (Linux >= 5.3: woken by the exit itself, no polling), else polls every `poll_s` seconds.
+
+    For helpers that are not the trainer's children and so cannot use prctl(PR_SET_PDEATHSIG): DataLoader and
+    cache workers are forked by the multiprocessing forkserver, which in turn exits only once every client
+    (the trainer and those workers) has closed its "alive" pipe. Measured before this (teacher, 2 workers):
+    after a SIGKILL the forkserver, both workers (~480 MB each) and the resource tracker ran on for good.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)  # the trainer is already gone
+    except (AttributeError, OSError):
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])  # readable once `pid` has exited
+        else:
+            while pid_alive(pid):
+                time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()

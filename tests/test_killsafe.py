@@ -1,0 +1,297 @@
+"""Kill safety (issue 18): a SIGKILLed training run leaves no process and no temporary file behind, keeps best.pt
+in step with last.pt, and its resumed run ends with the weights of an uninterrupted one, bit for bit on the CPU.
+
+    pytest tests/test_killsafe.py -x
+
+The end-to-end test runs `python -m training.student` (pseudo-labelling, then training: the phase with the
+most helper processes) on tiny cases (width 4, 32 x 32 patches, `--workers 1`: each of its two loaders has a
+real worker, so a forkserver and a resource tracker exist too) and SIGKILLs it three times: while a
+pseudo-label is being written, while best.pt is being written, and at a random moment. The first two use the
+FLARE_TEST_PAUSE_AT hook (training.utils.pause_point), which stops the process between a temporary file's
+write and its rename. Every process the run started carries a tag in its environment, so survivors are found
+in /proc even after they have been re-parented.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from flare_infer.spec import ModelSpec
+from training.augment import AugmentConfig, Augmenter
+from training.data import CachedCase, EpochSampler, SliceConfig, SliceDataset, set_loader_epoch
+from training.loop import LoopConfig, best_epoch, fit, make_optimizer, make_scheduler, save_checkpoint
+from training.model import UNet, UNetConfig
+from training.utils import Runtime, remove_stale_tmp
+from training.utils import tmp_path as temporary_path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_data import tiny_case, write_tiny_dataset  # noqa: E402
+
+TAG_ENV = "FLARE_KILLSAFE_TAG"  # read by nothing but this test: marks every process a run starts
+GRACE_S = 5.0  # "no process of the run survives the kill by more than a few seconds"
+STUDENT = ["--epochs", "6", "--val-every", "2", "--width", "4", "--batch-size", "8", "--patch-size", "32",
+           "--workers", "1", "--device", "cpu", "--pseudo-batch-size", "8"]  # fmt: skip
+TMP_NAME = re.compile(r"^\..+\.(\d+)(@[^/]+)?\.tmp(\.\w+)?$")
+
+
+# ----------------------------------------------------------------------------- a run under observation
+class Run:
+    """One `python -m training.student` process (stdout and stderr to a log), tagged for /proc."""
+
+    def __init__(self, args: list[str], log: Path, **env: str) -> None:
+        self.tag, self.log = uuid.uuid4().hex, log
+        env = {**os.environ, TAG_ENV: self.tag, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "training.student", *args], stdout=f,
+                                         stderr=subprocess.STDOUT, env=env)  # fmt: skip
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, needle: str, timeout_s: float = 300) -> None:
+        t0 = time.monotonic()
+        while needle not in self.text():
+            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {needle!r}:\n{self.text()[-3000:]}"
+            assert time.monotonic() - t0 < timeout_s, f"no {needle!r} after {timeout_s} s:\n{self.text()[-3000:]}"
+            time.sleep(0.1)
+
+    def processes(self) -> list[str]:
+        """Live (not zombie) processes carrying this run's tag: 'PID STATE COMMAND'."""
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if f"{TAG_ENV}={self.tag}".encode() not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    continue
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:100]
+            except OSError:  # exited meanwhile, or not ours to read
+                continue
+            if stat[stat.rindex(")") + 2] not in "ZX":
+                found.append(f"{pid} {stat[stat.rindex(')') + 2]} {cmd}")
+        return found
+
+    def kill(self) -> tuple[list[str], float]:
+        """SIGKILL the trainer; (its processes just before, seconds until the last of them was gone)."""
+        before = self.processes()
+        self.proc.kill()
+        self.proc.wait()
+        return before, self.wait_helpers_gone()
+
+    def wait_helpers_gone(self) -> float:
+        t0 = time.monotonic()
+        while (left := self.processes()) and time.monotonic() - t0 < GRACE_S:
+            time.sleep(0.1)
+        assert not left, f"{len(left)} processes of the run outlived the trainer by {GRACE_S} s: {left}"
+        return time.monotonic() - t0
+
+    def finish(self, timeout_s: float = 300) -> None:
+        assert self.proc.wait(timeout_s) == 0, self.text()[-3000:]
+        self.wait_helpers_gone()  # the forkserver and the resource tracker exit just after the trainer
+
+
+def _tmp_files(*roots: Path) -> list[Path]:
+    return sorted(p for root in roots for p in root.rglob(".*") if TMP_NAME.match(p.name))
+
+
+def _dead_writers_files(*roots: Path) -> list[Path]:
+    return [p for p in _tmp_files(*roots) if not Path(f"/proc/{TMP_NAME.match(p.name)[1]}").exists()]
+
+
+# ----------------------------------------------------------------------------- tiny data, a one-member teacher
+def _write_data(root: Path) -> tuple[Path, Path]:
+    data = write_tiny_dataset(root / "data", 3)
+    write_tiny_dataset(data / "validation", 1)
+    (root / "unlabelled").mkdir()
+    for i in range(2):
+        sitk.WriteImage(tiny_case(10 + i)[0], str(root / "unlabelled" / f"Case_{i + 1:05d}_0000.nii.gz"))
+    return data, root / "unlabelled"
+
+
+def _write_teacher(root: Path) -> Path:
+    """teacher.json in training.teacher's format: one seeded U-Net on the tiny cases' own spacing."""
+    spec = ModelSpec(input_channels=1, spacing_xyz_mm=(3.0, 3.0, 5.0))
+    torch.manual_seed(7)
+    model = UNet(UNetConfig(width=4)).eval()
+    (root / "fold_0").mkdir(parents=True)
+    save_checkpoint(root / "fold_0" / "best.pt", {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
+                                                  "spec": spec.to_dict(), "epoch": 0})  # fmt: skip
+    member = {"fold": 0, "checkpoint": "fold_0/best.pt", "score": 0.5}
+    (root / "teacher.json").write_text(json.dumps({"members": [member], "spec": spec.to_dict()}))
+    return root / "teacher.json"
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _csv_scores(run_dir: Path) -> list[tuple[str, str, str]]:
+    """(epoch, train_loss, val_dsc) of metrics.csv: what must match an uninterrupted run (not slices/s)."""
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        return [(r["epoch"], r["train_loss"], r.get("val_dsc", "")) for r in csv.DictReader(f)]
+
+
+def _assert_in_step(out: Path, monitor: str = "val_dsc") -> None:
+    """last.pt, best.pt and metrics.csv tell the same story."""
+    last, best = _ckpt(out / "last.pt"), _ckpt(out / "best.pt")
+    history = last["metrics"]
+    scores = [r[monitor] for r in history if monitor in r]
+    assert last["best_score"] == max(scores)
+    assert best["epoch"] == best_epoch(history, monitor) and best["metrics"][-1][monitor] == max(scores)
+    assert best["best_score"] == last["best_score"]
+    assert [int(e) for e, _, _ in _csv_scores(out)] == [r["epoch"] for r in history]
+
+
+# ----------------------------------------------------------------------------- the end-to-end test
+@pytest.mark.slow
+def test_three_sigkills_leave_nothing_behind_and_resume_to_the_uninterrupted_weights(tmp_path):
+    data, unlabelled = _write_data(tmp_path)
+    teacher = _write_teacher(tmp_path / "teacher")
+
+    def args(name: str) -> list[str]:
+        return ["--data", str(data), "--unlabelled", str(unlabelled), "--teacher", str(teacher),
+                "--out", str(tmp_path / name), "--cache", str(tmp_path / f"cache_{name}"), *STUDENT]  # fmt: skip
+
+    reference = Run(args("reference"), tmp_path / "reference.log")
+    reference.finish()
+
+    out, cache = tmp_path / "killed", tmp_path / "cache_killed"
+    # 1. during pseudo-labelling: a label's temporary file written, not yet renamed
+    run = Run(args("killed"), tmp_path / "kill1.log", FLARE_TEST_PAUSE_AT="write:*.pseudo.npy")
+    run.wait_for("FLARE_TEST_PAUSE_AT write:")
+    stray = _tmp_files(cache)
+    assert any(".pseudo.npy." in p.name for p in stray), stray
+    run.kill()
+
+    # 2. during best.pt's write at epoch 2 (its first validation: always an improvement), after last.pt's
+    run = Run([*args("killed"), "--resume"], tmp_path / "kill2.log", FLARE_TEST_PAUSE_AT="write:best.pt@2")
+    run.wait_for("FLARE_TEST_PAUSE_AT write:best.pt")
+    assert not any(p.exists() for p in stray), "the first kill's temporary files outlived the next start"
+    assert not _dead_writers_files(out, cache)
+    before, _ = run.kill()
+    assert len(before) >= 4, before  # trainer, forkserver, a worker per loader (and the resource tracker)
+    assert _ckpt(out / "last.pt")["epoch"] == 1 and _ckpt(out / "best.pt")["epoch"] == 0  # out of step now
+
+    # 3. at a random moment of the resumed run (seeded from the clock; the delay is in the failure message)
+    delay = random.Random().uniform(0.0, 3.0)
+    run = Run([*args("killed"), "--resume"], tmp_path / "kill3.log")
+    run.wait_for("resuming")
+    time.sleep(delay)
+    assert run.proc.poll() is None, f"finished within {delay:.2f} s of resuming: lengthen the run"
+    assert not _dead_writers_files(out, cache), f"kill after {delay:.2f} s"
+    run.kill()
+    assert "rewritten from last.pt" in run.text()  # best.pt repaired on that start
+
+    run = Run([*args("killed"), "--resume"], tmp_path / "final.log")
+    run.finish()
+    assert not _tmp_files(out, cache)
+    _assert_in_step(out)
+    _assert_in_step(tmp_path / "reference")
+    assert _csv_scores(out) == _csv_scores(tmp_path / "reference"), f"random kill after {delay:.2f} s"
+    for name in ("last.pt", "best.pt"):
+        ours, ref = _ckpt(out / name)["model"], _ckpt(tmp_path / "reference" / name)["model"]
+        differ = [k for k in ref if not torch.equal(ours[k], ref[k])]
+        assert not differ, f"{name}: {len(differ)} tensors differ from the uninterrupted run ({differ[:3]})"
+
+
+@pytest.mark.slow
+def test_the_early_stop_hook_leaves_no_helper_process(tmp_path):
+    data, unlabelled = _write_data(tmp_path)
+    teacher = _write_teacher(tmp_path / "teacher")
+    run = Run(["--data", str(data), "--unlabelled", str(unlabelled), "--teacher", str(teacher),
+               "--out", str(tmp_path / "out"), *STUDENT], tmp_path / "log", TRAINING_STOP_AFTER_EPOCH="1")  # fmt: skip
+    assert run.proc.wait(300) == 137, run.text()[-3000:]
+    run.wait_helpers_gone()
+
+
+# ----------------------------------------------------------------------------- the parts, fast
+class _Noisy(nn.Module):
+    """A step that draws from the global torch RNG (as dropout would): resumes only match if it is restored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x + torch.randn_like(x))
+
+
+def _fit_noisy(run_dir: Path, epochs: int, resume: bool) -> dict:
+    torch.manual_seed(0)
+    model = _Noisy()
+    cfg = LoopConfig(epochs=epochs, lr=1e-2, amp=False)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, 3 * 4)  # the same schedule however the run is cut
+    data = torch.arange(16.0).reshape(4, 4)
+
+    def step(model, x, ctx):
+        return model(x).square().mean(), 1
+
+    fit(model, optimizer, scheduler, step, lambda epoch: list(data), cfg, run_dir, Runtime(torch.device("cpu")),
+        resume=resume)  # fmt: skip
+    return model.state_dict()
+
+
+def test_resume_restores_the_rng_state(tmp_path, one_torch_thread):
+    whole = _fit_noisy(tmp_path / "whole", 3, resume=False)
+    _fit_noisy(tmp_path / "cut", 2, resume=False)
+    torch.manual_seed(123)  # whatever the process did in between
+    resumed = _fit_noisy(tmp_path / "cut", 3, resume=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def _cases(tmp_path: Path) -> list[CachedCase]:
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.random((6, 40, 44)).astype(np.float16))
+    np.save(tmp_path / "a.label.npy", rng.integers(0, 3, (6, 40, 44)).astype(np.uint8))
+    return [CachedCase("a", tmp_path / "a.npy", tmp_path / "a.label.npy")]
+
+
+def test_an_epochs_items_depend_on_seed_and_epoch_only_not_on_what_came_before(tmp_path):
+    """Crops and augmentations ride with the sampler's per-item seeds, so a loader that already served epochs
+    0 and 1 (its RNGs moved on) and a fresh one (a resumed run) serve epoch 2 identically."""
+    aug = Augmenter(AugmentConfig(p_elastic=0.5, p_grid=0.5, p_optical=0.5), seed=0)
+    ds = SliceDataset(_cases(tmp_path), SliceConfig(patch_size=32), aug)
+
+    def loader():
+        return torch.utils.data.DataLoader(ds, batch_size=4, sampler=EpochSampler(None, len(ds), seed=3))
+
+    def epoch(dl, e):
+        set_loader_epoch(dl, e)
+        return [b["image"] for b in dl] + [b["label"] for b in dl]
+
+    used = loader()
+    e0, _, e2 = (epoch(used, e) for e in range(3))
+    fresh = epoch(loader(), 2)
+    assert all(torch.equal(a, b) for a, b in zip(e2, fresh, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(e0, e2, strict=True))
+
+
+def test_only_dead_writers_temporary_files_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "Case_00001.pseudo.npy"
+    mine = temporary_path(target)
+    theirs = tmp_path / mine.name.replace(f".{os.getpid()}@", f".{dead.pid}@")
+    legacy = tmp_path / f".{target.name}.{dead.pid}.tmp.npy"  # the older, host-less name
+    other_host = tmp_path / f".{target.name}.{dead.pid}@elsewhere.example.tmp.npy"
+    kept_file = tmp_path / "Case_00001.npy"
+    for p in (mine, theirs, legacy, other_host, kept_file):
+        p.write_bytes(b"x")
+    assert sorted(remove_stale_tmp(tmp_path)) == sorted([theirs, legacy])
+    assert mine.exists() and other_host.exists() and kept_file.exists()
