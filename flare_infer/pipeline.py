@@ -15,6 +15,7 @@ Training builds its cache with `prepare` + `label_on_prepared` and makes pseudo-
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from flare_infer.predictor import PredictBatch, SliceConfig, predict_slices
 from flare_infer.preprocess import find_body, normalise
 from flare_infer.restore import RESTORE_CHOICES, check_method, drop_removed, probabilities_to_image_grid
 from flare_infer.spec import ModelSpec
+
+log = logging.getLogger("flare_infer")
 
 __all__ = [
     "PredictBatch",
@@ -190,6 +193,8 @@ def predict_case(
 ) -> sitk.Image:
     """CT image in memory -> uint8 mask on the same grid (`restore_method`: linear or nearest, see `restore`)."""
     prepared = prepare(image, spec)
+    for note in prepared.notes:
+        log.warning("WARNING: %s", note)
     return _infer_and_restore(
         prepared, predict_batch, spec, batch_size=batch_size, postprocess=postprocess, fixed_batch=fixed_batch,
         restore_method=restore_method, timed=lambda stage: None,
@@ -227,6 +232,8 @@ def predict_file(
     image = io.read_ct(input_path)
     t = result.timed("read", t)
     prepared = prepare(image, spec)
+    for note in prepared.notes:  # one line each, naming the file: the case still goes on
+        log.warning("WARNING %s: %s", Path(input_path).name, note)
     t = result.timed("preprocess", t)
     clock = {"t": t}
 
