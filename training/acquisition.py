@@ -288,8 +288,10 @@ def reconstruct(hu_zyx: np.ndarray, sigma_zyx: list[float], sharp_gain: float = 
     if sharp_gain > 0:
         slice_axis = int(np.argmin(sigma_zyx))  # the axis with 0.4 voxel
         unsharp = [0.0 if ax == slice_axis else 1.0 for ax in range(3)]
-        detail = hu_zyx - ndimage.gaussian_filter(hu_zyx, unsharp, truncate=2.0)
-        hu_zyx += np.float32(sharp_gain) * detail
+        smooth = ndimage.gaussian_filter(hu_zyx, unsharp, truncate=2.0)
+        smooth -= hu_zyx  # minus the detail; in place: a full case is ~150 MB per copy
+        smooth *= np.float32(sharp_gain)
+        hu_zyx -= smooth
     return hu_zyx
 
 
