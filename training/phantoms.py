@@ -2,6 +2,7 @@
 
     python -m training.phantoms data/phantoms --labelled 50 --unlabelled 200 --validation 20 --seed 0
     python -m training.phantoms examples --layout examples        # regenerate examples/ (two small cases)
+    python -m training.phantoms data/clean --size small --acquisition none   # no acquisition variation
 
 The anatomy is built in *physical* patient coordinates (LPS, mm: +x patient left, +y posterior,
 +z superior) and evaluated analytically at each voxel's physical position, so left and right are
@@ -13,6 +14,9 @@ Each voxel gets a *tissue* code (fat, muscle, bone, kidney cortex, stomach gas, 
 a lookup from tissue to organ, and the image is the tissue's HU mean for the case's contrast phase
 plus texture, partial-volume blur and scanner noise. numpy, scipy and SimpleITK only (no torch), so
 `flare_infer`'s tests can import it. Knobs and sizes: docs/PHANTOMS.md.
+
+This module is the patient; the scanner (grid, field of view, reconstruction kernel, padding
+outside the reconstruction circle, patient table, z-coverage) is `training/acquisition.py`.
 """
 
 from __future__ import annotations
@@ -30,29 +34,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from flare_infer.labels import LABEL_NAMES
-from training.acquisition import (
-    ACQUISITION_BY_SPLIT,
-    ACQUISITIONS,
-    GEOMETRIES,
-    GEOMETRY_WEIGHTS,
-    PIXEL_TYPE_WEIGHTS,
-    PIXEL_TYPES,
-    SIZES,
-    AcquisitionConfig,
-    AcquisitionParams,
-    BodyBox,
-    Grid,
-    blur_sigma_zyx,
-    draw_acquisition,
-    draw_direction,
-    draw_scan_plan,
-    grid_for,
-    noise_gain,
-    pad_circle_arrays,
-    paint_table,
-    reconstruct,
-    vary_scan_plan,
-)
+from training import acquisition as scan  # the scanner: grid, reconstruction, table (training/acquisition.py)
+from training.acquisition import GEOMETRIES, SIZES, AcquisitionConfig, AcquisitionParams, Grid
 
 # ----------------------------------------------------------------------------------------------
 # Tissues: codes in the tissue map; ORGAN_OF gives the FLARE label of each code (0 = background).
@@ -413,21 +396,21 @@ def _sample(seed: int, domain: DomainConfig, size: str, geometry: str | None,
     scale = rng.uniform(*domain.anatomy_scale) * rng.uniform(0.97, 1.03, 3)
     fat_mm = float(rng.uniform(*domain.fat_mm))
     centre = np.array([rng.uniform(-30, 30), rng.uniform(-250, 50), rng.uniform(-1200, 200)])
-    drawn = str(rng.choice(GEOMETRIES, p=GEOMETRY_WEIGHTS))
+    drawn = str(rng.choice(GEOMETRIES, p=scan.GEOMETRY_WEIGHTS))
     geometry = geometry or drawn
-    direction = draw_direction(rng, geometry)
-    plan = draw_scan_plan(rng, SIZES[size], fov_margin=domain.fov_margin, scan_top_mm=domain.scan_top_mm,
+    direction = scan.draw_direction(rng, geometry)
+    plan = scan.draw_scan_plan(rng, SIZES[size], fov_margin=domain.fov_margin, scan_top_mm=domain.scan_top_mm,
                           scan_bottom_mm=domain.scan_bottom_mm, scale_z=float(scale[2]))
-    acq = draw_acquisition(seed, acquisition) if acquisition is not None else None
+    acq = scan.draw_acquisition(seed, acquisition) if acquisition is not None else None
     body_width = _body_width_mm(scale, fat_mm)
     if acq is not None:
-        plan = vary_scan_plan(plan, acq, body_width_mm=body_width, scale_z=float(scale[2]))
-    grid = grid_for(plan, SIZES[size], body_width_mm=body_width, centre=centre, direction=direction)
+        plan = scan.vary_scan_plan(plan, acq, body_width_mm=body_width, scale_z=float(scale[2]))
+    grid = scan.grid_for(plan, SIZES[size], body_width_mm=body_width, centre=centre, direction=direction)
     params = CaseParams(
         seed=seed, domain=domain.name, size=size, phase=phase, noise_std_hu=float(rng.uniform(*domain.noise_std_hu)),
         contrast_gain=float(rng.uniform(*domain.contrast_gain)), scale_xyz=tuple(float(s) for s in scale),
         fat_mm=fat_mm, centre_xyz=tuple(float(c) for c in centre), geometry=geometry,
-        pixel_type=str(rng.choice(PIXEL_TYPES, p=PIXEL_TYPE_WEIGHTS)), grid=grid, acquisition=acq,
+        pixel_type=str(rng.choice(scan.PIXEL_TYPES, p=scan.PIXEL_TYPE_WEIGHTS)), grid=grid, acquisition=acq,
     )
     return params, rng
 
@@ -673,9 +656,9 @@ def _paint_table(tissue: np.ndarray, params: CaseParams) -> None:
     """The patient table under the body's back (on air only): background, like the air it replaces."""
     sx, sy = params.scale_xyz[:2]
     cx, cy = params.centre_xyz[:2]
-    body = BodyBox(centre_x=cx, half_width=_body_width_mm(np.array(params.scale_xyz), params.fat_mm) / 2,
+    body = scan.BodyBox(centre_x=cx, half_width=_body_width_mm(np.array(params.scale_xyz), params.fat_mm) / 2,
                    back_y=cy + sy * (CAVITY_Y + CAVITY_HALF[1] + WALL_MM) + params.fat_mm + SKIN_MM)
-    paint_table(tissue, params.grid, params.acquisition.table, body, tissue == AIR, (TABLE_FOAM, TABLE_PLATE))
+    scan.paint_table(tissue, params.grid, params.acquisition.table, body, tissue == AIR, (TABLE_FOAM, TABLE_PLATE))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,12 +690,12 @@ def _intensities(tissue: np.ndarray, params: CaseParams, rng: np.random.Generato
     (unsharp mask, acquisition.reconstruct) then raises edges and noise, as on a real scanner.
     """
     acq = params.acquisition
-    sigma_zyx = blur_sigma_zyx(params.grid.spacing_xyz, acq.blur_scale if acq is not None else 1.0)
-    pre_noise = params.noise_std_hu / noise_gain(sigma_zyx, 2.0)
+    sigma_zyx = scan.blur_sigma_zyx(params.grid.spacing_xyz, acq.blur_scale if acq is not None else 1.0)
+    pre_noise = params.noise_std_hu / scan.noise_gain(sigma_zyx, 2.0)
     amplitude = np.sqrt(TEXTURE_HU**2 + np.float32(pre_noise) ** 2).astype(np.float32)
     hu = _hu_table(params, rng, domain)[tissue]
     hu += amplitude[tissue] * rng.standard_normal(tissue.shape, dtype=np.float32)
-    hu = reconstruct(hu, sigma_zyx, acq.sharp_gain if acq is not None else 0.0)
+    hu = scan.reconstruct(hu, sigma_zyx, acq.sharp_gain if acq is not None else 0.0)
     return np.clip(hu, -1024, 3071, out=hu)
 
 
@@ -749,7 +732,7 @@ def case_from_record(record: dict) -> tuple[sitk.Image, sitk.Image]:
     """
     acq = record.get("acquisition")
     return generate_case(record["seed"], DOMAINS[record["domain"]], record["size"], geometry=record["geometry"],
-                         acquisition=ACQUISITIONS[acq["config"]] if acq else None)
+                         acquisition=scan.ACQUISITIONS[acq["config"]] if acq else None)
 
 
 def _generate(seed: int, domain: DomainConfig, size: str, geometry: str | None,
@@ -759,7 +742,7 @@ def _generate(seed: int, domain: DomainConfig, size: str, geometry: str | None,
     hu = _intensities(tissue, params, rng, domain)
     label = ORGAN_OF[tissue]
     if params.acquisition is not None and params.acquisition.padding is not None:
-        pad_circle_arrays(hu, label, params.grid, params.acquisition.padding)  # after the HU clip
+        scan.pad_circle_arrays(hu, label, params.grid, params.acquisition.padding)  # after the HU clip
     if params.pixel_type != "float32":
         hu = np.rint(hu).astype(params.pixel_type)
     return _to_image(hu, params.grid), _to_image(label, params.grid), params
@@ -824,7 +807,7 @@ def generate_dataset(out_dir: str | Path, *, labelled: int = 50, unlabelled: int
     """
     if acquisition not in ACQUISITION_MODES:
         raise ValueError(f"acquisition must be one of {ACQUISITION_MODES}, found {acquisition!r}")
-    acq_by_split = ACQUISITION_BY_SPLIT if acquisition == "default" else dict.fromkeys(ACQUISITION_BY_SPLIT)
+    acq_by_split = scan.ACQUISITION_BY_SPLIT if acquisition == "default" else dict.fromkeys(scan.ACQUISITION_BY_SPLIT)
     out = Path(out_dir)
     jobs = _jobs(labelled, unlabelled, validation)
     cases = {}
