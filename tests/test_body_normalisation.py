@@ -250,3 +250,39 @@ def test_a_table_inside_the_box_is_air_to_the_network():
     assert p.box_zyx[1].stop > 52  # the plate's rows are in the box ...
     assert p.vol_zyx[:, 50 - y0 : 52 - y0, 20 - x0 : 60 - x0].max() == 0.0  # ... and the network sees air there
     assert p.vol_zyx[:, 30 - y0, 40 - x0].min() > 0.3  # the trunk (40 HU) is seen: (40 + 100) / 400
+
+
+# ------------------------------------------------------------------------------ no organ lost to the crop
+def _every_organ_voxel_in_the_box(image: sitk.Image, label: sitk.Image, spacing=(3.0, 3.0, 4.0)) -> None:
+    from flare_infer.pipeline import label_on_prepared
+
+    p = prepare(image, ModelSpec(1, spacing, WINDOW))
+    inside = label_on_prepared(label, p)  # raises if a labelled voxel lies outside the body's box
+    assert np.count_nonzero(inside) > 0
+
+
+@pytest.mark.parametrize("name", ["FLARE22_Ex_0001", "FLARE22_Ex_0002"])
+def test_the_body_box_holds_every_organ_voxel_of_the_examples(name):
+    root = Path(__file__).resolve().parents[1] / "examples"
+    image = sitk.ReadImage(str(root / "inputs" / f"{name}_0000.nii.gz"))
+    _every_organ_voxel_in_the_box(image, sitk.ReadImage(str(root / "labels" / f"{name}.nii.gz")))
+
+
+def test_the_body_box_holds_every_organ_voxel_of_the_real_ct(real_ct):
+    image, _ = real_ct
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(REAL_CT.with_name("example_seg_fast_force_split.nii.gz"))))
+    lut = np.zeros(256, np.uint8)
+    for ts, flare in {5: 1, 2: 2, 1: 3, 7: 4, 52: 5, 63: 6, 8: 7, 9: 8, 4: 9, 15: 10, 6: 11, 19: 12, 3: 13}.items():
+        lut[ts] = flare  # the silver-standard label map's TotalSegmentator numbering (shared/data/real-ct/README.md)
+    label = sitk.GetImageFromArray(lut[seg])
+    label.CopyInformation(image)
+    _every_organ_voxel_in_the_box(image, label)
+
+
+def test_the_body_box_holds_every_organ_voxel_of_a_full_size_scan_with_table_and_zero_padding():
+    from training.acquisition import LABELLED_ACQUISITION, draw_acquisition
+
+    seed = next(s for s in range(500) if (a := draw_acquisition(s, LABELLED_ACQUISITION)).padding == 0.0
+                and a.table is not None)  # fmt: skip
+    image, label = generate_case(seed, LABELLED_DOMAIN, "full", geometry="lps", acquisition=LABELLED_ACQUISITION)
+    _every_organ_voxel_in_the_box(image, label, spacing=(1.5, 1.5, 2.5))
