@@ -80,7 +80,8 @@ def cases(args) -> dict[str, list[tuple[str, sitk.Image, sitk.Image]]]:
     out = {"examples": [], "full": []}
     for path in examples:
         name = path.name.removesuffix("_0000.nii.gz")
-        out["examples"].append((name, sitk.ReadImage(str(path)), sitk.ReadImage(str(REPO / "examples/labels" / f"{name}.nii.gz"))))
+        label = sitk.ReadImage(str(REPO / "examples" / "labels" / f"{name}.nii.gz"))
+        out["examples"].append((name, sitk.ReadImage(str(path)), label))
     for i in range(args.full_cases):
         image, label = generate_case(FULL_SEED0 + i, LABELLED_DOMAIN, "full", geometry="lps")
         out["full"].append((f"full_{FULL_SEED0 + i}", image, label))
@@ -120,7 +121,7 @@ def input_difference(changed: sitk.Image, reference: sitk.Image, spec: ModelSpec
     """Max and mean |network input| difference inside the reference's (eroded) body, on its voxels."""
     ref, new = prepare(reference, spec), prepare(changed, spec)
     ref_img, new_img = _box_image(ref), _box_image(new)
-    mapped = sitk.GetArrayViewFromImage(sitk.Resample(new_img, ref_img, sitk.Transform(), sitk.sitkLinear, -1.0))
+    mapped = sitk.GetArrayFromImage(sitk.Resample(new_img, ref_img, sitk.Transform(), sitk.sitkLinear, -1.0))
     body = find_body(sitk.GetArrayViewFromImage(ref.resampled), spec.spacing_xyz_mm).mask_zyx[ref.box_zyx]
     from scipy import ndimage
 
@@ -157,7 +158,8 @@ def normalisation(args, sets, window_hu, spacing) -> dict:
                 if change == "none":
                     continue
                 mx, mean = input_difference(img, image, spec)
-                out.setdefault(kind, {}).setdefault(change, {})[name] = {"max_abs": round(mx, 5), "mean_abs": round(mean, 5)}
+                record = {"max_abs": round(mx, 5), "mean_abs": round(mean, 5)}
+                out.setdefault(kind, {}).setdefault(change, {})[name] = record
                 print(f"normalisation {kind} {name} {change}: max {mx:.4f} mean {mean:.5f}", flush=True)
     return out
 
