@@ -15,11 +15,15 @@ mkdir -p -- "$OUTPUT_DIR"
 
 # The model: FLARE_MODEL, else weights/student.onnx beside this script; without either the CLI looks in
 # its default places and says how to train and export the weights.
+# --precision auto: when the session runs on CUDA, the CLI runs NAME.fp16.onnx (weights/student.fp16.onnx)
+# instead, where that file's sidecar records a passed agreement check against NAME.onnx (fp16.of,
+# fp16.argmax_agreement >= 0.999 over fp16.check_cts CTs, as `python -m training.export --fp16` writes it);
+# on the CPU, or without such a file, NAME.onnx. FLARE_ARGS="--precision fp32" keeps fp32 on the GPU.
 MODEL=${FLARE_MODEL:-$SCRIPT_DIR/weights/student.onnx}
 if [ -n "${FLARE_MODEL:-}" ] || [ -f "$MODEL" ]; then
-    set -- --model "$MODEL"
+    set -- --model "$MODEL" --precision auto
 else
-    set --
+    set -- --precision auto
 fi
 PYTHONPATH="$SCRIPT_DIR${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH

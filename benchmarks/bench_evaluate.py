@@ -1,6 +1,7 @@
-"""Evaluation speed: our cropped FLARE22 DSC/NSD against the organisers' straightforward code path.
+"""Evaluation speed: our FLARE22 DSC/NSD against the organisers' straightforward code path, and the CLI.
 
-    python benchmarks/bench_evaluate.py [--shape 512 512 300] [--workers 2] [--repeats 1]
+    python benchmarks/bench_evaluate.py [--shape 512 512 300] [--workers 2] [--repeats 1] [--cli-repeats 3]
+        [--out docs/results/bench_evaluate.json]
 
 One synthetic case at FLARE size with all 13 organs (ellipsoids of organ-like size in mm), and a
 prediction that differs the way network output does: shifted by a voxel or two, ragged boundary
@@ -10,20 +11,32 @@ voxels, a few stray blobs far from the organ. Scored twice:
 - ours: `flare_infer.evaluate.evaluate_arrays` with `--workers` processes over organs.
 Prints both wall and CPU times (CPU seconds are robust to other load on a shared machine), the
 ratios, and checks that the 26 rounded numbers are identical (exit 1 if not).
+Then the whole command as a user runs it, process start included: the pair written as `.nii.gz`
+(uint8, spacing in the header), `python -m flare_infer.evaluate PRED_DIR GT_DIR --csv ...` run
+`--cli-repeats` times in fresh processes (wall and CPU of the child), its CSV checked against the
+in-process numbers; goal: 2 s wall. Raw results: `--out` (JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import platform
+import resource
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 
-from flare_infer.evaluate import evaluate_arrays
+from flare_infer.evaluate import evaluate_arrays, write_csv
 from flare_infer.labels import AXIAL_RANGE_CUT_VALUES, ORGANS
 from flare_infer.metrics import dice, organiser_spacing, reference_surface_distances, surface_dice_at_tolerance
 
@@ -97,12 +110,47 @@ def organisers_scores(pred_xyz, gt_xyz, spacing_xyz) -> dict[str, tuple[float, f
     return scores
 
 
+def cli_runs(pred_xyz, gt_xyz, repeats: int) -> list[dict]:
+    """Wall and CPU seconds of `python -m flare_infer.evaluate` on the pair written as files, and its CSV row."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench_evaluate_") as tmp:
+        folders = {name: Path(tmp) / name for name in ("pred", "gt")}
+        for name, labels in (("pred", pred_xyz), ("gt", gt_xyz)):
+            folders[name].mkdir()
+            image = sitk.GetImageFromArray(np.ascontiguousarray(labels.transpose(2, 1, 0)))
+            image.SetSpacing(SPACING_XYZ)
+            sitk.WriteImage(image, str(folders[name] / "case_0001.nii.gz"), useCompression=True)
+        csv = Path(tmp) / "scores.csv"
+        cmd = [
+            sys.executable,
+            "-m",
+            "flare_infer.evaluate",
+            str(folders["pred"]),
+            str(folders["gt"]),
+            "--csv",
+            str(csv),
+        ]
+        repo = str(Path(__file__).resolve().parents[1])
+        for _ in range(repeats):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": repo})
+            wall = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+            runs.append({"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "csv_row": csv.read_text().splitlines()[1]})
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 300), help="x y z voxels")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of ours (best is reported)")
+    parser.add_argument("--cli-repeats", type=int, default=3, help="runs of the whole command (0: skip)")
+    parser.add_argument("--out", type=Path, default=None, help="raw results as JSON (docs/results/bench_evaluate.json)")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     shape = tuple(args.shape)
     gt = phantom_labels(shape)
     pred = network_like(gt)
@@ -123,7 +171,7 @@ def main() -> int:
     mismatches = [
         (o.short, theirs[o.short], (ours.dsc[o.short], ours.nsd[o.short]))
         for o in ORGANS
-        if theirs[o.short] != (ours.dsc[o.short], ours.nsd[o.short])
+        if not np.array_equal(theirs[o.short], (ours.dsc[o.short], ours.nsd[o.short]), equal_nan=True)
     ]
     print(f"{'organ':<12} {'DSC':>7} {'NSD':>7}")
     for organ in ORGANS:
@@ -142,7 +190,39 @@ def main() -> int:
     )
     for mismatch in mismatches:
         print("MISMATCH", mismatch)
-    return 1 if mismatches else 0
+    cli = cli_runs(pred, gt, args.cli_repeats) if args.cli_repeats else []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_csv([replace(ours, name="case_0001.nii.gz")], Path(tmp) / "in_process.csv")
+        expected_row = (Path(tmp) / "in_process.csv").read_text().splitlines()[1]
+    cli_same = all(run["csv_row"] == expected_row for run in cli)
+    if cli:
+        walls = sorted(run["wall_s"] for run in cli)
+        print(f"python -m flare_infer.evaluate (fresh process): wall {walls} s, median {walls[len(walls) // 2]:.2f} s "
+              f"(goal 2 s); CPU {[run['cpu_s'] for run in cli]} s; CSV = in-process numbers: {cli_same}")  # fmt: skip
+    if args.out is not None:
+        result = {
+            "case": {"shape_xyz": list(shape), "spacing_xyz": list(SPACING_XYZ), "organs_present": len(present)},
+            "organisers_in_process": {"wall_s": round(t_theirs, 3), "cpu_s": round(cpu_theirs, 3)},
+            "ours_in_process": {
+                "workers": args.workers,
+                "wall_s": [round(t, 3) for t in times],
+                "cpu_s": [round(t, 3) for t in cpu_times],
+            },  # fmt: skip
+            "rounded_numbers_identical": not mismatches,
+            "scores": {o.short: [ours.dsc[o.short], ours.nsd[o.short]] for o in ORGANS},
+            "cli": {"runs": cli, "csv_equals_in_process": cli_same, "goal_wall_s": 2.0},
+            "machine": {
+                "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                "cpu": platform.processor() or platform.machine(),
+                "cores_allowed": len(os.sched_getaffinity(0)),
+                "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                "python": platform.python_version(),
+            },
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 1 if mismatches or not cli_same else 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Command line: predict every CT in a folder.
 
     python -m flare_infer predict INPUT_DIR OUTPUT_DIR [--model weights/student.onnx] [--device auto|cuda|cpu]
-        [--batch-size N] [--postprocess none|lcc] [--restore linear|nearest] [--preview] [--shard K/N] [--threads N]
+        [--precision auto|fp32|fp16] [--cuda-arena-mib 768] [--batch-size N] [--postprocess none|lcc]
+        [--restore linear|nearest] [--preview] [--shard K/N] [--threads N] [--no-read-ahead]
 
 Every `*.nii.gz` / `*.nii` in INPUT_DIR is a case; `NAME_0000.nii.gz` writes `NAME.nii.gz`, other
 names keep theirs. A case that fails logs `ERROR <file name>: <reason>` on stderr and the others go
 on. Exit code: 0 every case written, 1 some case failed, 2 usage error (nothing was processed).
+The first case is read while onnxruntime starts, and each next case while the current one is on the
+network (`io.ReadAhead`, a background thread).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import typer
 from flare_infer import io
 from flare_infer.postprocess import POSTPROCESS_CHOICES
 from flare_infer.restore import RESTORE_CHOICES
-from flare_infer.session import DEVICES
+from flare_infer.session import CUDA_ARENA_LIMIT_BYTES, DEVICES, PRECISIONS
 
 log = logging.getLogger("flare_infer")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="FLARE22 abdominal organ segmentation (ONNX).")
@@ -87,12 +90,17 @@ def check_folders(input_dir: Path, output_dir: Path) -> list[Path]:
     return cases
 
 
-def _load(model_path: Path, device: str, threads: int | None):
+def _load(
+    model_path: Path, device: str, threads: int | None, precision: str = "auto", cuda_arena_mib: int | None = None
+):
     from flare_infer.session import load_model  # onnxruntime is imported only when predicting
     from flare_infer.spec import SpecError
 
     try:
-        return load_model(model_path, device=device, threads=threads)
+        return load_model(
+            model_path, device=device, threads=threads, precision=precision,
+            cuda_arena_bytes=cuda_arena_mib * 2**20 if cuda_arena_mib else None,
+        )  # fmt: skip
     except (SpecError, RuntimeError, ValueError) as e:
         raise UsageError(f"model {model_path}: {e}") from None
 
@@ -108,35 +116,49 @@ def _save_preview(result, out_png: Path) -> None:
 
 def run_cases(
     cases: list[Path], output_dir: Path, model, *, batch_size: int, postprocess: str, preview: bool,
-    restore: str = "linear",
+    restore: str = "linear", ahead: io.ReadAhead | None = None,
 ) -> int:  # fmt: skip
-    """Predict each case, log one line per case; return the number of failed cases."""
+    """Predict each case, log one line per case; return the number of failed cases.
+
+    Case i + 1 is read in a background thread while case i runs (`io.ReadAhead`); its read errors are
+    reported for case i + 1, when its turn comes.
+    """
     from flare_infer.pipeline import predict_file
 
     failed = 0
     totals = dict.fromkeys(STAGES, 0.0)
-    for path in _progress(cases):
-        out_path = output_dir / io.output_name(path)
-        try:
-            result = predict_file(
-                path, out_path, model.predict, model.spec,
-                batch_size=batch_size, postprocess=postprocess, fixed_batch=model.fixed_batch, restore_method=restore,
-            )  # fmt: skip
-        except Exception as e:  # one bad case never stops the others; the reason is logged with its name
-            failed += 1
-            reason = str(e) if isinstance(e, io.InputError) else f"{type(e).__name__}: {e}"
-            print(f"ERROR {path.name}: {reason}", file=sys.stderr, flush=True)
-            continue
-        for stage, seconds in result.seconds.items():
-            totals[stage] += seconds
-        stages = " ".join(f"{s} {result.seconds[s]:.2f}s" for s in STAGES)
-        log.info("%s -> %s: %s [%s]", path.name, out_path.name, stages, model.provider)
-        if preview:
-            _save_preview(result, out_path.with_name(out_path.name.split(".nii")[0] + ".png"))
+    with ahead or io.ReadAhead() as ahead:
+        for i, path in enumerate(_progress(cases)):
+            if i + 1 < len(cases):
+                ahead.schedule(cases[i + 1])
+            failed += not _run_case(path, output_dir, model, predict_file, totals, batch_size=batch_size,
+                                    postprocess=postprocess, preview=preview, restore=restore)  # fmt: skip
     done = len(cases) - failed
     log.info("%d of %d cases written, %d failed; seconds per stage over all cases: %s", done, len(cases), failed,
              " ".join(f"{s} {totals[s]:.1f}" for s in STAGES))  # fmt: skip
     return failed
+
+
+def _run_case(path: Path, output_dir: Path, model, predict_file, totals: dict, *, batch_size: int, postprocess: str,
+              preview: bool, restore: str) -> bool:  # fmt: skip
+    """One case, logged; False (and an `ERROR <file name>: <reason>` line) if it failed."""
+    out_path = output_dir / io.output_name(path)
+    try:
+        result = predict_file(
+            path, out_path, model.predict, model.spec,
+            batch_size=batch_size, postprocess=postprocess, fixed_batch=model.fixed_batch, restore_method=restore,
+        )  # fmt: skip
+    except Exception as e:  # one bad case never stops the others; the reason is logged with its name
+        reason = str(e) if isinstance(e, io.InputError) else f"{type(e).__name__}: {e}"
+        print(f"ERROR {path.name}: {reason}", file=sys.stderr, flush=True)
+        return False
+    for stage, seconds in result.seconds.items():
+        totals[stage] += seconds
+    stages = " ".join(f"{s} {result.seconds[s]:.2f}s" for s in STAGES)
+    log.info("%s -> %s: %s [%s]", path.name, out_path.name, stages, model.provider)
+    if preview:
+        _save_preview(result, out_path.with_name(out_path.name.split(".nii")[0] + ".png"))
+    return True
 
 
 def _progress(cases: list[Path]):
@@ -161,6 +183,14 @@ def predict(
     output_dir: Path = typer.Argument(..., help="folder for the masks (created)"),
     model: Path | None = typer.Option(None, help="NAME.onnx with NAME.json beside it (default: weights/student.onnx)"),
     device: str = typer.Option("auto", help=f"one of {DEVICES}: auto = CUDA if onnxruntime has it, else CPU"),
+    precision: str = typer.Option(
+        "auto", help=f"one of {PRECISIONS}: auto = NAME.fp16.onnx on CUDA where its sidecar records a passed check"
+    ),
+    cuda_arena_mib: int = typer.Option(
+        CUDA_ARENA_LIMIT_BYTES // 2**20,
+        min=64,
+        help="onnxruntime's CUDA arena cap, MiB (effect on the device unmeasured)",
+    ),
     batch_size: int = typer.Option(16, min=1, help="axial slices per network call"),
     postprocess: str = typer.Option("none", help=f"one of {POSTPROCESS_CHOICES}: lcc = largest component per organ"),
     restore: str = typer.Option(
@@ -169,6 +199,7 @@ def predict(
     preview: bool = typer.Option(False, help="also write NAME.png: axial, coronal, sagittal slices with the mask"),
     shard: str = typer.Option("0/1", help="K/N: process cases K, K+N, K+2N, ... (split a folder over machines)"),
     threads: int | None = typer.Option(None, min=1, help="CPU threads, onnxruntime and ITK (default: all allowed)"),
+    read_ahead: bool = typer.Option(True, help="read the next case in a background thread (holds one more CT)"),
 ) -> None:
     """Segment every CT in INPUT_DIR into OUTPUT_DIR."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -184,20 +215,30 @@ def predict(
             raise UsageError(f"--postprocess must be one of {POSTPROCESS_CHOICES}, found {postprocess!r}")
         if restore not in RESTORE_CHOICES:
             raise UsageError(f"--restore must be one of {RESTORE_CHOICES}, found {restore!r}")
+        if precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {PRECISIONS}, found {precision!r}")
         k, n = parse_shard(shard)
         cases = check_folders(input_dir, output_dir)[k::n]
         model_path = resolve_model(model)
-        loaded = _load(model_path, device, threads)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE) from None
-    log.info("model %s on %s; %d cases (shard %d/%d)", model_path, loaded.provider, len(cases), k, n)
-    if loaded.provider == "CPUExecutionProvider" and device != "cpu":
-        log.info("no usable NVIDIA GPU (no driver visible or no CUDA in this onnxruntime): running on the CPU")
     start = time.perf_counter()
-    failed = run_cases(
-        cases, output_dir, loaded, batch_size=batch_size, postprocess=postprocess, preview=preview, restore=restore
-    )
+    with io.ReadAhead(enabled=read_ahead) as ahead:
+        if cases:
+            ahead.schedule(cases[0])  # read while onnxruntime loads and the session is built
+        try:
+            loaded = _load(model_path, device, threads, precision, cuda_arena_mib)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(EXIT_USAGE) from None
+        log.info("model %s on %s; %d cases (shard %d/%d)", loaded.model_path, loaded.provider, len(cases), k, n)
+        if loaded.provider == "CPUExecutionProvider" and device != "cpu":
+            log.info("no usable NVIDIA GPU (no driver visible or no CUDA in this onnxruntime): running on the CPU")
+        failed = run_cases(
+            cases, output_dir, loaded, batch_size=batch_size, postprocess=postprocess, preview=preview, restore=restore,
+            ahead=ahead,
+        )  # fmt: skip
     log.info("total %.1f s", time.perf_counter() - start)
     raise typer.Exit(EXIT_CASE_FAILED if failed else EXIT_OK)
 

@@ -3,7 +3,8 @@
 Every header is checked before any voxel is read (3D, one component, a known pixel type, positive
 finite spacing, a voxel count under `MAX_VOXELS`); float voxels are then checked for NaN and
 infinity. A refused file raises `InputError` whose message names the file and the reason.
-Used by `flare_infer.pipeline` and the CLI (`python -m flare_infer predict ...`).
+Used by `flare_infer.pipeline` and the CLI (`python -m flare_infer predict ...`), which reads the
+next case in a background thread (`ReadAhead`) while the current one is on the network.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import gzip
 import os
 import re
 import struct
+import threading
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +74,18 @@ def check_header(reader: sitk.ImageFileReader) -> None:
 
 
 def read_ct(path: str | Path) -> sitk.Image:
-    """Read a CT after checking its header; raise `InputError` for anything the pipeline cannot use."""
+    """Read a CT after checking its header; raise `InputError` for anything the pipeline cannot use.
+
+    If a `ReadAhead` has this file scheduled, its background read is taken (waited for) instead of a
+    second read, and what that read raised is raised here.
+    """
+    scheduled = ReadAhead.take(path)
+    if scheduled is not None:
+        return scheduled.result()
+    return _read_ct_now(path)
+
+
+def _read_ct_now(path: str | Path) -> sitk.Image:
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found")
@@ -154,6 +168,60 @@ def check_finite(image: sitk.Image) -> None:
     if not np.isfinite(vol).all():
         n_bad = int(np.count_nonzero(~np.isfinite(vol)))
         raise InputError(f"{n_bad} voxels are NaN or infinite")
+
+
+class ReadAhead:
+    """Reads scheduled cases in one background thread; `read_ct` of a scheduled file takes its result.
+
+        with io.ReadAhead() as ahead:
+            ahead.schedule(cases[0])            # read while onnxruntime starts
+            for i, path in enumerate(cases):
+                if i + 1 < len(cases):
+                    ahead.schedule(cases[i + 1])  # read while this case is on the network
+                predict_file(path, ...)          # its io.read_ct(path) waits for the scheduled read
+
+    ITK releases the GIL while it decompresses and parses, so the read overlaps the network (on a GPU,
+    the CPU is mostly idle meanwhile) and onnxruntime's start. One case more is held in memory. A file
+    that cannot be read raises its `InputError` in the `read_ct` call of that case, not earlier; reads
+    never taken are dropped on exit (nothing is written by a read).
+    """
+
+    _lock = threading.Lock()
+    _scheduled: dict[str, Future] = {}  # absolute path -> the read of that file, across instances
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        self._mine: set[str] = set()
+        self.enabled = enabled  # False: `schedule` does nothing (every read happens in `read_ct`)
+
+    @staticmethod
+    def _key(path: str | Path) -> str:
+        return os.path.abspath(path)
+
+    def schedule(self, path: str | Path) -> None:
+        if not self.enabled:
+            return
+        key = self._key(path)
+        with self._lock:
+            if key not in self._scheduled:
+                self._scheduled[key] = self._pool.submit(_read_ct_now, path)
+                self._mine.add(key)
+
+    @classmethod
+    def take(cls, path: str | Path) -> Future | None:
+        with cls._lock:
+            return cls._scheduled.pop(cls._key(path), None)
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            for key in self._mine:
+                future = self._scheduled.pop(key, None)
+                if future is not None:
+                    future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_mask(mask: sitk.Image, path: str | Path) -> None:
