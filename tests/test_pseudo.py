@@ -168,6 +168,17 @@ def test_drop_disagreeing_drops_the_cases_members_agree_on_least(tmp_path):
     assert dropped_cases(store, ["a", "b", "c", "d"], 0.0) == set()
 
 
+def test_a_teacher_whose_members_differ_in_preprocessing_is_refused(tmp_path):
+    teacher_json = make_teacher(tmp_path, members=2, width=2)
+    path = tmp_path / "fold_1" / "best.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["spec"] = ModelSpec(input_channels=1, spacing_xyz_mm=(4.0, 4.0, 12.0)).to_dict()  # another grid
+    save_checkpoint(path, ckpt)
+    with pytest.raises(ValueError, match="the members disagree on preprocessing"):
+        load_teacher(teacher_json)
+    assert len(load_teacher(tmp_path / "fold_0" / "best.pt").models) == 1  # a checkpoint: a one-member teacher
+
+
 class _FixedLabels(torch.nn.Module):
     """A stand-in member whose argmax is `labels_hw` on every slice: (logits, aux) as the U-Net returns them."""
 

@@ -16,8 +16,9 @@ import torch
 
 from flare_infer.io import read_ct
 from flare_infer.pipeline import predict_volume, prepare
+from flare_infer.spec import ModelSpec
 from training.loop import load_model
-from training.teacher import load_teacher, make_splits, select_teacher, teacher_spec
+from training.teacher import SplitError, load_or_make_splits, load_teacher, make_splits, select_teacher, teacher_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import write_tiny_dataset  # noqa: E402
@@ -47,6 +48,45 @@ def test_split_is_disjoint_complete_and_seeded():
     assert {len(v) for v in vals} == {4, 5}  # 80/20
     assert make_splits(names, seed=3) == folds
     assert make_splits(names, seed=4) != folds
+
+
+def test_fewer_cases_than_folds_is_refused_with_the_fold_count_that_would_work():
+    with pytest.raises(SplitError, match=r"5-fold cross-validation needs at least 5 labelled cases .* found 3: use "
+                                         r"--n-folds 3"):
+        make_splits(["a", "b", "c"], seed=0)
+    with pytest.raises(SplitError, match="add at least 1 more"):
+        make_splits(["a"], seed=0, k=2)
+    folds = make_splits(["a", "b", "c"], seed=0, k=2)
+    assert sorted(len(f["val"]) for f in folds) == [1, 2]
+
+
+def test_a_run_split_into_other_folds_says_which_n_folds_it_was(tmp_path):
+    names = [f"c{i}" for i in range(6)]
+    load_or_make_splits(tmp_path / "splits.json", names, seed=0, k=3)
+    assert len(load_or_make_splits(tmp_path / "splits.json", names, seed=0, k=3)) == 3
+    with pytest.raises(SplitError, match="has 3 folds, --n-folds asks for 5: give --n-folds 3"):
+        load_or_make_splits(tmp_path / "splits.json", names, seed=0, k=5)
+
+
+def test_with_fewer_folds_than_the_teacher_size_every_fold_is_a_member(tmp_path):
+    for fold, score in ((0, 0.4), (1, 0.7)):
+        (tmp_path / f"fold_{fold}").mkdir()
+        (tmp_path / f"fold_{fold}" / "score.json").write_text(json.dumps({"fold": fold, "score": score}))
+    teacher = select_teacher(tmp_path, ModelSpec(1, (1.0, 1.0, 1.0)), n_folds=2)
+    assert [m["fold"] for m in teacher["members"]] == [1, 0]  # best first
+    assert [f["fold"] for f in teacher["folds"]] == [0, 1]
+
+
+def test_too_few_cases_is_one_line_before_any_work(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", 3)
+    proc = _teacher("--data", str(data), "--out", str(tmp_path / "run"), *TINY)  # 5 folds by default
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: 5-fold cross-validation needs at least 5 labelled cases (one validation case per fold); found 3: "
+        "use --n-folds 3 or add labelled cases"
+    ]
+    assert not (tmp_path / "run" / "cache").exists() and not (tmp_path / "run" / "splits.json").exists()
 
 
 def test_selection_refuses_missing_folds(tmp_path):
@@ -113,6 +153,21 @@ def test_select_only_rebuilds_the_same_teacher(smoke_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = json.loads((out / "teacher.json").read_text())
     assert after["members"] == before["members"]
+
+
+@pytest.mark.slow
+def test_three_cases_train_two_folds_whose_log_names_each_fold_and_both_form_the_teacher(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", 3)
+    out = tmp_path / "run"
+    proc = _teacher("--data", str(data), "--out", str(out), "--n-folds", "2", *TINY, "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert len(json.loads((out / "splits.json").read_text())["folds"]) == 2
+    teacher = json.loads((out / "teacher.json").read_text())
+    assert sorted(m["fold"] for m in teacher["members"]) == [0, 1]  # teacher size 3 > 2 folds: every fold
+    lines = proc.stdout.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.startswith("fold_")]
+    assert [lines[i].split(":")[0] for i in heads] == ["fold_0", "fold_1"]
+    assert lines[heads[0] + 1].startswith("epoch 1") and lines[heads[1] + 1].startswith("epoch 1")
 
 
 @pytest.mark.slow

@@ -53,6 +53,12 @@ def install_missing_extra_hook() -> None:
     sys.excepthook = hook
 
 
+def require_train_extra() -> None:
+    """Import torch now, for a CLI that imports it only deep inside (training.reproduce): without the extra,
+    the hook's one line comes before any work is done."""
+    importlib.import_module("torch")
+
+
 def typer_app():
     """A training CLI's typer app: click's plain help, whose option names are never cut (rich's table cut
     `--confidence-threshold` to `--confidence-thre…` at 80 columns), and plain tracebacks."""

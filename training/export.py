@@ -41,6 +41,7 @@ import typer
 from torch import nn
 
 from flare_infer.spec import ModelSpec, sidecar_path
+from training.cli import typer_app
 from training.loop import load_model
 from training.model import UNet
 
@@ -334,9 +335,13 @@ def export_fp16(out: Path, spec: ModelSpec, extra: dict, cfg: ExportConfig, imag
     return fp16_path, agreement
 
 
+app = typer_app()
+
+
+@app.command()
 def main(
-    checkpoint: Path = typer.Argument(..., help="last.pt / best.pt of python -m training.teacher or training.student"),
-    out: Path = typer.Argument(..., help="NAME.onnx; the sidecar NAME.json is written beside it"),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="last.pt / best.pt of python -m training.teacher or training.student"),
+    out: Path = typer.Argument(..., metavar="OUT", help="NAME.onnx; the sidecar NAME.json is written beside it"),
     fp16: bool = typer.Option(False, help="also NAME.fp16.onnx (float16 inside, float32 I/O), agreement-checked"),
     check: bool = typer.Option(True, "--check/--no-check", help="parity with torch (and fp16 agreement)"),
     check_cases: Path = typer.Option(None, help="folder of CTs for the checks (default: 2 generated CTs)"),
@@ -371,4 +376,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app()

@@ -44,6 +44,7 @@ from flare_infer import io
 from flare_infer.evaluate import mean_std
 from flare_infer.labels import ORGANS
 from flare_infer.pipeline import predict_case
+from training.cli import require_train_extra, typer_app
 
 SEED = 0
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -658,7 +659,7 @@ def run(out: Path, s: Sizes, results_md: Path, device: str, argv: list[str]) -> 
     return results
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer_app()
 
 
 @app.command()
@@ -669,6 +670,7 @@ def main(
                                             "with --quick)"),
     device: str = typer.Option("cpu", help="cpu|cuda|auto, for training and in-process inference"),
 ) -> None:
+    require_train_extra()  # every step trains or runs torch: without it, one line now, not a traceback later
     sizes = QUICK if quick else FULL
     results_md = results or (out / "RESULTS.md" if quick else REPO_ROOT / "docs" / "RESULTS.md")
     argv = ["--out", str(out), *(["--quick"] if quick else []), *(["--results", str(results)] if results else [])]

@@ -39,6 +39,7 @@ from torch import nn
 
 from flare_infer.spec import ModelSpec
 from training.augment import AugmentConfig, Augmenter
+from training.cli import typer_app
 from training.data import (
     CachedCase,
     SliceConfig,
@@ -237,7 +238,7 @@ def run(src: Sources, out: Path, cfg: StudentConfig, *, device: str, resume: boo
 
 
 # ----------------------------------------------------------------------------- CLI
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer_app()
 
 
 @app.command()

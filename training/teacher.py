@@ -1,11 +1,12 @@
 """Phase one: five fold U-Nets, scored on their validation volumes; the best three are the teacher.
 
     python -m training.teacher --data data/phantoms --out runs/teacher                 # all 5 folds
+    python -m training.teacher --data DIR --out RUN --n-folds 3                        # 3 folds, all members
     python -m training.teacher --data DIR --out RUN --folds 3                          # one fold (a job)
     python -m training.teacher --data DIR --out RUN --select-only                      # join the folds
     torchrun --nproc_per_node=8 -m training.teacher --data DIR --out RUN --folds 0     # DDP
 
-Outputs in RUN_DIR: splits.json (5-fold 80/20, seeded), fold_K/{last.pt, best.pt, metrics.csv,
+Outputs in RUN_DIR: splits.json (5-fold 80/20 by default, seeded), fold_K/{last.pt, best.pt, metrics.csv,
 curves.png, score.json}, teacher.json:
 
     {"members": [{"fold": 2, "checkpoint": "fold_2/best.pt", "score": 0.91}, ...3],
@@ -39,8 +40,10 @@ from flare_infer.predictor import SliceConfig as PredictSliceConfig
 from flare_infer.predictor import predict_slices
 from flare_infer.spec import ModelSpec, Normalization
 from training.augment import AugmentConfig, Augmenter
+from training.cli import typer_app
 from training.data import (
     CachedCase,
+    DatasetError,
     SliceConfig,
     SliceDataset,
     build_cache,
@@ -54,8 +57,13 @@ from training.losses import deep_supervision_loss, eq1_loss
 from training.model import UNet, UNetConfig
 from training.utils import Runtime, barrier, git_commit, seed_everything, setup_runtime, teardown
 
-NUM_FOLDS = 5
-TEACHER_SIZE = 3
+NUM_FOLDS = 5  # the paper's; --n-folds
+MIN_FOLDS = 2  # one fold would train and validate on the same cases
+TEACHER_SIZE = 3  # the paper's best three; with fewer folds, every fold is a member
+
+
+class SplitError(ValueError):
+    """The labelled cases cannot be split as asked (too few cases, or a run folder split another way)."""
 
 
 @dataclass(frozen=True)
@@ -96,26 +104,43 @@ def resolve_window(cfg: TeacherConfig, cases: list, out: Path, rt: Runtime) -> T
 
 
 # ----------------------------------------------------------------------------- splits
+def check_fold_count(n_cases: int, k: int) -> None:
+    """SplitError unless `n_cases` labelled cases make `k` folds (MIN_FOLDS <= k <= n_cases: a validation case each)."""
+    if k < MIN_FOLDS:
+        raise SplitError(f"cross-validation needs --n-folds >= {MIN_FOLDS}; found {k}")
+    if n_cases < k:
+        hint = f"use --n-folds {n_cases} or add" if n_cases >= MIN_FOLDS else f"add at least {MIN_FOLDS - n_cases} more"
+        raise SplitError(f"{k}-fold cross-validation needs at least {k} labelled cases (one validation case per "
+                         f"fold); found {n_cases}: {hint} labelled cases")  # fmt: skip
+
+
 def make_splits(names: list[str], seed: int, k: int = NUM_FOLDS) -> list[dict[str, list[str]]]:
     """k folds: each case in exactly one validation set (sizes differ by at most one), seeded shuffle."""
-    if len(names) < k:
-        raise ValueError(f"{k}-fold cross-validation needs at least {k} labelled cases; found {len(names)}")
+    check_fold_count(len(names), k)
     order = np.random.default_rng(seed).permutation(sorted(names))
     vals = [sorted(order[i::k].tolist()) for i in range(k)]
     return [{"train": sorted(set(names) - set(v)), "val": v} for v in vals]
 
 
-def load_or_make_splits(path: Path, names: list[str], seed: int) -> list[dict[str, list[str]]]:
+def check_split_folds(path: Path, k: int) -> None:
+    """SplitError unless the run's splits.json at `path` has `k` folds."""
+    found = len(json.loads(path.read_text())["folds"])
+    if found != k:
+        raise SplitError(f"{path} has {found} folds, --n-folds asks for {k}: give --n-folds {found}, or a new --out")
+
+
+def load_or_make_splits(path: Path, names: list[str], seed: int, k: int = NUM_FOLDS) -> list[dict[str, list[str]]]:
     if path.is_file():
         data = json.loads(path.read_text())
         found = sorted({n for f in data["folds"] for n in f["val"]})
         if found != sorted(names):
-            raise ValueError(
+            raise SplitError(
                 f"{path} splits other cases than {path.parent}'s dataset ({len(found)} vs {len(names)} cases); "
                 "use a new --out or delete splits.json"
             )
+        check_split_folds(path, k)
         return data["folds"]
-    folds = make_splits(names, seed)
+    folds = make_splits(names, seed, k)
     path.write_text(json.dumps({"seed": seed, "folds": folds}, indent=1) + "\n")
     return folds
 
@@ -225,6 +250,9 @@ def train_fold(fold: int, split: dict, cached: dict[str, CachedCase], cfg: Teach
     """Train one fold into out/fold_K; return its validation score (best.pt's)."""
     seed_everything(cfg.loop.seed + fold)
     run_dir = out / f"fold_{fold}"
+    if rt.is_main:  # the epoch lines below are training.loop's; this names their fold
+        print(f"fold_{fold}: {len(split['train'])} training cases, {len(split['val'])} validation cases -> {run_dir}",
+              flush=True)  # fmt: skip
     train_cases = [cached[n] for n in split["train"]]
     val_cases = [cached[n] for n in split["val"]]
     loader = _loader(train_cases, cfg, rt)
@@ -252,24 +280,25 @@ def train_fold(fold: int, split: dict, cached: dict[str, CachedCase], cfg: Teach
 
 
 # ----------------------------------------------------------------------------- selection, the teacher
-def select_teacher(out: Path, spec: ModelSpec | None = None, k: int = TEACHER_SIZE) -> dict:
-    """Read fold_*/score.json, keep the best k folds, write out/teacher.json."""
+def select_teacher(out: Path, spec: ModelSpec | None = None, k: int = TEACHER_SIZE, n_folds: int = NUM_FOLDS) -> dict:
+    """Read fold_*/score.json of the `n_folds` folds, keep the best min(k, n_folds), write out/teacher.json."""
     found = {}
-    for fold in range(NUM_FOLDS):
+    for fold in range(n_folds):
         path = out / f"fold_{fold}" / "score.json"
         if path.is_file():
             found[fold] = json.loads(path.read_text())["score"]
-    missing = sorted(set(range(NUM_FOLDS)) - set(found))
+    missing = sorted(set(range(n_folds)) - set(found))
     if missing:
         raise FileNotFoundError(
             f"{out}: folds {missing} have no score.json (not trained or not finished); "
-            f"run `python -m training.teacher --out {out} --folds {','.join(map(str, missing))}` first"
+            f"run `python -m training.teacher --data DATA --out {out} --n-folds {n_folds} "
+            f"--folds {','.join(map(str, missing))}` first"
         )
     ranked = sorted(found, key=lambda f: -(found[f] if math.isfinite(found[f]) else -1.0))
     members = [{"fold": f, "checkpoint": f"fold_{f}/best.pt", "score": found[f]} for f in ranked[:k]]
     if spec is None:
         _, _, spec = load_model(out / members[0]["checkpoint"])
-    teacher = {"members": members, "folds": [{"fold": f, "score": found[f]} for f in range(NUM_FOLDS)],
+    teacher = {"members": members, "folds": [{"fold": f, "score": found[f]} for f in range(n_folds)],
                "spec": spec.to_dict(), "git_commit": git_commit()}  # fmt: skip
     (out / "teacher.json").write_text(json.dumps(teacher, indent=2) + "\n")
     return teacher
@@ -325,17 +354,24 @@ def _jsonable(cfg: TeacherConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- CLI
-def run(data: Path, out: Path, folds: list[int], cfg: TeacherConfig, *, device: str, resume: bool,
-        cache: Path | None, select_only: bool) -> None:  # fmt: skip
+def run(data: Path, out: Path, folds: list[int] | None, cfg: TeacherConfig, *, device: str, resume: bool,
+        cache: Path | None, select_only: bool, n_folds: int = NUM_FOLDS) -> None:  # fmt: skip
+    """Train `folds` (None: all `n_folds`) of the run in `out`, then select the teacher once every fold is done."""
+    folds = list(range(n_folds)) if folds is None else folds
+    if not all(0 <= f < n_folds for f in folds):
+        raise SplitError(f"--folds must be numbers in 0..{n_folds - 1} with --n-folds {n_folds}; found {folds}")
     rt = setup_runtime(device)
     try:
         if rt.is_main:
             out.mkdir(parents=True, exist_ok=True)
         if select_only:
             if rt.is_main:
-                _print_teacher(select_teacher(out))
+                if (out / "splits.json").is_file():  # the folds this run was split into
+                    check_split_folds(out / "splits.json", n_folds)
+                _print_teacher(select_teacher(out, n_folds=n_folds))
             return
         cases = discover_labelled(data)
+        check_fold_count(len(cases), n_folds)  # before the cache: seconds, not the cache's minutes
         cfg = resolve_window(cfg, cases, out, rt)
         spec = cfg.spec()
         cache_dir = cache or out / "cache"
@@ -344,13 +380,13 @@ def run(data: Path, out: Path, folds: list[int], cfg: TeacherConfig, *, device: 
         barrier(rt)
         cached = {c.name: c for c in build_cache(cases, spec, cache_dir, quiet=True)}  # all built: paths only
         if rt.is_main:
-            load_or_make_splits(out / "splits.json", sorted(cached), cfg.loop.seed)
+            load_or_make_splits(out / "splits.json", sorted(cached), cfg.loop.seed, n_folds)
         barrier(rt)
-        splits = load_or_make_splits(out / "splits.json", sorted(cached), cfg.loop.seed)
+        splits = load_or_make_splits(out / "splits.json", sorted(cached), cfg.loop.seed, n_folds)
         for fold in folds:
             train_fold(fold, splits[fold], cached, cfg, out, rt, resume)
-        if rt.is_main and all((out / f"fold_{f}" / "score.json").is_file() for f in range(NUM_FOLDS)):
-            _print_teacher(select_teacher(out, spec))
+        if rt.is_main and all((out / f"fold_{f}" / "score.json").is_file() for f in range(n_folds)):
+            _print_teacher(select_teacher(out, spec, n_folds=n_folds))
     finally:
         teardown(rt)
 
@@ -360,24 +396,29 @@ def _print_teacher(teacher: dict) -> None:
     print(f"teacher: {members}")
 
 
-def _parse_folds(text: str) -> list[int]:
+def _parse_folds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
     try:
         folds = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
         raise typer.BadParameter(f"--folds takes comma-separated fold numbers like 0,1,2,3,4; found {text!r}") from None
-    if not folds or not all(0 <= f < NUM_FOLDS for f in folds):
-        raise typer.BadParameter(f"--folds must be numbers in 0..{NUM_FOLDS - 1}; found {text!r}")
+    if not folds:
+        raise typer.BadParameter(f"--folds takes comma-separated fold numbers like 0,1,2,3,4; found {text!r}")
     return folds
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer_app()
 
 
 @app.command()
 def main(
     data: Path = typer.Option(None, help="dataset folder: FLARE22 (images/, labels/) or nnU-Net (imagesTr/ ...)"),
     out: Path = typer.Option(..., help="run folder: splits.json, fold_K/, teacher.json"),
-    folds: str = typer.Option("0,1,2,3,4", help="folds to train in this job"),
+    folds: str = typer.Option(None, help="folds to train in this job, e.g. 0,2 (default: all --n-folds)"),
+    n_folds: int = typer.Option(NUM_FOLDS, min=MIN_FOLDS, help=f"cross-validation folds, at least {MIN_FOLDS} and at "
+                                f"most the labelled cases; the teacher is the best {TEACHER_SIZE} folds, or every "
+                                f"fold when there are fewer than {TEACHER_SIZE}"),  # fmt: skip
     epochs: int = typer.Option(3000),
     batch_size: int = typer.Option(40),
     lr: float = typer.Option(2e-4),
@@ -405,7 +446,7 @@ def main(
         "padding; docs/INFERENCE.md)"),
     workers: int = typer.Option(2, help="data loader workers and cache processes"),
     cache: Path = typer.Option(None, help="preprocessing cache folder (default RUN_DIR/cache)"),
-    select_only: bool = typer.Option(False, help="only pick the best three folds into teacher.json"),
+    select_only: bool = typer.Option(False, help="only pick the best folds into teacher.json (as --n-folds says)"),
 ) -> None:
     if data is None and not select_only:
         raise typer.BadParameter("--data is required unless --select-only")
@@ -418,7 +459,12 @@ def main(
         spacing_xyz_mm=tuple(float(s) for s in spacing.split(",")), workers=workers, oversample=oversample,
         normalization=normalization,
     )  # fmt: skip
-    run(data, out, _parse_folds(folds), cfg, device=device, resume=resume, cache=cache, select_only=select_only)
+    try:
+        run(data, out, _parse_folds(folds), cfg, device=device, resume=resume, cache=cache, select_only=select_only,
+            n_folds=n_folds)  # fmt: skip
+    except (SplitError, DatasetError) as e:  # the user's data or options: one line, not a traceback
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":
