@@ -20,6 +20,7 @@ from flare_infer.preprocess import pad_slices
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]  # (N, C_in, H, W) float32 -> (N, 14, H, W) float32 scores
 OUTPUTS = ("labels", "confidence", "probabilities")
+PROBABILITY_FLOOR = np.float32(2.0**-14)  # added to every stored probability: the smallest normal float16
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class SliceConfig:
     output: str = "logits"  # or "probabilities": how to turn scores into a confidence
     fixed_batch: bool = False  # pad the last batch to batch_size (fixed shapes: no CUDA re-tuning)
     # what predict_slices returns, in this order: "labels" uint8 (Z, Y, X), "confidence" float16 (Z, Y, X),
-    # "probabilities" float16 (Z, Y, X, 14); only these are computed
+    # "probabilities" float16 (Z, Y, X, 14), each + PROBABILITY_FLOOR; only these are computed
     outputs: tuple[str, ...] = ("labels", "confidence")
 
     def __post_init__(self) -> None:
@@ -71,26 +72,56 @@ def _check_scores(scores: np.ndarray, n: int, h: int, w: int) -> None:
 def probabilities(scores_nkhw: np.ndarray, output: str) -> np.ndarray:
     """float32 class probabilities (N, 14, H, W): softmax of logits, or the scores as they are."""
     if output != "logits":
-        return np.asarray(scores_nkhw, np.float32)
-    e = np.exp(scores_nkhw - scores_nkhw.max(axis=1, keepdims=True))
-    e /= e.sum(axis=1, keepdims=True)
+        return np.clip(scores_nkhw, 0.0, 1.0, dtype=np.float32)  # a copy (the caller changes it), in [0, 1]
+    e = np.subtract(scores_nkhw, scores_nkhw.max(axis=1, keepdims=True), dtype=np.float32)
+    np.exp(e, out=e)
+    e *= 1.0 / e.sum(axis=1, keepdims=True)
     return e
+
+
+def float16_bits(values: np.ndarray) -> np.ndarray:
+    """uint16 bit patterns of `values` (float32, all in [2^-14, 65504]) rounded to float16, nearest-even.
+
+    numpy's own conversion takes 65 ns a value on this machine, 4-6x the rest of the softmax (measured on a batch of
+    the shipped model's scores); for normal float16 values it is a rounding add and a shift of the float32 bits.
+    """
+    b = values.view(np.uint32)
+    b = b + (np.uint32(0x0FFF) + ((b >> 13) & np.uint32(1)))  # round to nearest even at the 13 dropped bits
+    return ((b >> 13) - np.uint32(112 << 10)).astype(np.uint16)  # exponent bias 127 -> 15: 112 << 10
+
+
+def argmax_planes(scores_nkhw: np.ndarray) -> np.ndarray:
+    """uint8 argmax over axis 1 (first on ties, as numpy's), plane by plane: 10x faster than argmax(axis=1)."""
+    best = scores_nkhw[:, 0].copy()
+    labels = np.zeros(best.shape, np.uint8)
+    for k in range(1, scores_nkhw.shape[1]):
+        higher = scores_nkhw[:, k] > best
+        labels[higher] = k
+        np.maximum(best, scores_nkhw[:, k], out=best)
+    return labels
 
 
 def reduce_scores(scores_nkhw: np.ndarray, config: SliceConfig) -> dict[str, np.ndarray]:
     """What `config.outputs` asks for, from one batch of scores (N, 14, H, W).
 
-    With probabilities the label is the argmax of their float16 values (the restore's cell shortcut needs the
-    two to agree exactly; they differ from the scores' argmax only at float16 ties). Without, the argmax of the
-    scores, and the confidence as `labels_and_confidence`.
+    With probabilities the label is the argmax of their stored float16 values (the restore's cell shortcut needs
+    the two to agree exactly; they differ from the scores' argmax only at float16 ties). Without, the argmax of
+    the scores, and the confidence as `labels_and_confidence`.
     """
     out = {}
     if "probabilities" in config.outputs:
-        probs16 = probabilities(scores_nkhw, config.output).astype(np.float16).transpose(0, 2, 3, 1)  # (N, H, W, 14)
-        out["probabilities"] = probs16
-        out["labels"] = probs16.argmax(axis=3).astype(np.uint8)
+        probs = probabilities(scores_nkhw, config.output)  # (N, 14, H, W) float32
         if "confidence" in config.outputs:
-            out["confidence"] = probs16.max(axis=3)
+            out["confidence"] = probs.max(axis=1).astype(np.float16)
+        # Adding 2^-14 to every class keeps every value a normal float16 (confident voxels are mostly below it:
+        # subnormal float16, which numpy converts another 15x slower, and `float16_bits` not at all); a shift common
+        # to all classes changes no argmax of any interpolation of them (the linear restore's only use).
+        probs += PROBABILITY_FLOOR
+        bits = float16_bits(probs)  # (N, 14, H, W) uint16: the float16 values' bit patterns
+        # non-negative float16 values order as their bit patterns: an integer argmax, with the same ties
+        out["labels"] = argmax_planes(bits)
+        probs16 = bits.view(np.float16)
+        out["probabilities"] = probs16.transpose(0, 2, 3, 1)  # (N, H, W, 14)
     elif "confidence" in config.outputs:
         out["labels"], out["confidence"] = labels_and_confidence(scores_nkhw, config.output)
     else:
