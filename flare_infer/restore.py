@@ -177,11 +177,11 @@ def interpolate_all(probs_zyxc, offset_zyx, cells_shape, cell_zyx, weight_zyx) -
                 inside = np.ones(len(z), bool)
                 for c, n in zip(at, box_shape, strict=True):
                     inside &= (c >= 0) & (c < n)
-                index = np.ravel_multi_index([np.clip(c, 0, max(n - 1, 0)) for c, n in zip(at, box_shape, strict=True)],
-                                             box_shape) if inside.any() else np.zeros(len(z), np.int64)  # fmt: skip
-                values = flat.take(index, axis=0).astype(np.float32) if inside.any() else acc * 0
-                values[~inside] = 0
-                values[~inside, 0] = 1  # outside the box: background with certainty
+                values = np.zeros((len(z), NUM_CLASSES), np.float32)
+                values[:, 0] = 1  # outside the box: background with certainty
+                if inside.any():
+                    index = np.ravel_multi_index([c[inside] for c in at], box_shape)
+                    values[inside] = flat.take(index, axis=0)
                 acc += (w_z * w_y * w_x)[:, None] * values
     return acc.argmax(axis=1).astype(np.uint8)
 

@@ -1,0 +1,325 @@
+"""Restoring onto the input's grid: `linear` (class probabilities interpolated, then argmax) and `nearest`.
+
+    pytest tests/test_restore.py -x -q
+
+The reference for `linear` is the straightforward computation: every class's probability volume, uncropped with
+background certain outside the body's box, resampled by SimpleITK (linear, in physical space) onto the input,
+then argmax. The slab-by-slab, cells-and-candidates path must give the same labels voxel for voxel (allowed to
+differ only where the reference's two best classes tie within 1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from flare_infer import geometry, pipeline, restore
+from flare_infer.geometry import Grid, GridMismatchError
+from flare_infer.labels import NUM_CLASSES
+from flare_infer.predictor import PROBABILITY_FLOOR, SliceConfig, predict_slices
+from flare_infer.spec import ModelSpec
+
+SPEC = ModelSpec(spacing_xyz_mm=(3.0, 3.0, 4.0))
+TIE = 1e-5
+
+
+def _rotation(deg_z: float, deg_x: float) -> np.ndarray:
+    a, b = math.radians(deg_z), math.radians(deg_x)
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    return rz @ rx
+
+
+GEOMETRIES = {  # name: (size_xyz, spacing_xyz, direction); off-round spacings, off-centre origins
+    "identity": ((70, 60, 24), (1.13, 1.07, 2.1), np.eye(3)),
+    "flipped_ras": ((70, 60, 24), (1.13, 1.07, 2.1), np.diag([-1.0, -1.0, 1.0])),
+    "permuted_sagittal": ((24, 60, 70), (2.1, 1.07, 1.13), np.array([[0, 0, -1], [0, 1, 0], [1, 0, 0]], float)),
+    "oblique": ((66, 58, 22), (1.21, 1.17, 2.3), _rotation(12.0, 8.0)),
+    "slices_10mm": ((64, 56, 6), (1.3, 1.3, 10.0), np.diag([1.0, -1.0, -1.0])),
+}
+
+
+def blank_image(size_xyz, spacing_xyz, direction, value: float = -1000.0) -> sitk.Image:
+    image = sitk.Image([int(s) for s in size_xyz], sitk.sitkInt16)
+    image.SetSpacing([float(s) for s in spacing_xyz])
+    image.SetDirection(np.asarray(direction, float).ravel().tolist())
+    extent = np.asarray(direction, float) @ (np.asarray(spacing_xyz) * (np.asarray(size_xyz) - 1))
+    image.SetOrigin((np.array([12.0, -40.0, 310.0]) - extent / 2).tolist())
+    if value:
+        image += value
+    return image
+
+
+def body_image(size_xyz, spacing_xyz, direction) -> sitk.Image:
+    """Air around an elliptic cylinder of soft tissue (0 HU) along the patient's z, on any grid."""
+    image = blank_image(size_xyz, spacing_xyz, direction, value=0.0)
+    p = physical_points_zyx(Grid.of(image))
+    inside = (p[..., 0] - 12.0) ** 2 / 70.0**2 + (p[..., 1] + 40.0) ** 2 / 50.0**2 <= 1
+    hu = np.where(inside, 40.0 + 200.0 * np.sin(p[..., 0] / 9.0) * np.cos(p[..., 1] / 7.0), -1000.0)
+    out = sitk.GetImageFromArray(hu.astype(np.int16))
+    out.CopyInformation(image)
+    return out
+
+
+def physical_points_zyx(grid: Grid, box=None) -> np.ndarray:
+    """(Z, Y, X, 3) physical coordinates (x, y, z mm) of the voxel centres of `grid` (or of its `box`)."""
+    box = box or tuple(slice(0, n) for n in grid.size_xyz[::-1])
+    k, j, i = np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij")
+    index_xyz = np.stack([i, j, k], axis=-1).astype(float)
+    d = np.asarray(grid.direction, float).reshape(3, 3)
+    return np.asarray(grid.origin_xyz) + (index_xyz * np.asarray(grid.spacing_xyz)) @ d.T
+
+
+def prepared_with_box(image: sitk.Image, box_zyx=None) -> pipeline.Prepared:
+    """Prepared with the real resampled grid and a chosen body box (the body finder is not under test here)."""
+    resampled = geometry.canonical_resample_ct(image, SPEC.spacing_xyz_mm)
+    shape = tuple(resampled.GetSize())[::-1]
+    box = box_zyx or tuple(slice(0, n) for n in shape)
+    vol = np.zeros([b.stop - b.start for b in box], np.float32)
+    return pipeline.Prepared(image=image, resampled=resampled, vol_zyx=vol, box_zyx=box)
+
+
+def smooth_probabilities(points: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """float16 (..., 14) softmax of smooth logits of position (4 classes meet), plus noise (general cells)."""
+    logits = np.full((*points.shape[:-1], NUM_CLASSES), -8.0, np.float32)
+    x, y, z = points[..., 0] - 12.0, points[..., 1] + 40.0, points[..., 2] - 310.0
+    logits[..., 0] = 0.0
+    logits[..., 1] = (12.0 - np.hypot(x + 8.0, y)) / 3.0
+    logits[..., 3] = (10.0 - np.hypot(x - 10.0, z)) / 3.0
+    logits[..., 13] = (y - 5.0) / 4.0 - 1.0
+    logits += noise * rng.standard_normal(logits.shape).astype(np.float32)
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (p / p.sum(axis=-1, keepdims=True)).astype(np.float16)
+
+
+def argmax16(probs: np.ndarray) -> np.ndarray:
+    return probs.astype(np.float32).argmax(axis=-1).astype(np.uint8)
+
+
+def itk_reference(probs_zyxc: np.ndarray, prepared: pipeline.Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and the gap between the two best classes: each class uncropped (background certain outside the
+    box) and resampled by SimpleITK, linear, onto the input; argmax."""
+    best = second = labels = None
+    for k in range(NUM_CLASSES):
+        full = np.full(prepared.full_shape_zyx, 1.0 if k == 0 else 0.0, np.float32)
+        full[prepared.box_zyx] = probs_zyxc[..., k]
+        image = sitk.GetImageFromArray(full)
+        image.CopyInformation(prepared.resampled)
+        outside = 1.0 if k == 0 else 0.0
+        p = sitk.GetArrayFromImage(
+            sitk.Resample(image, prepared.image, sitk.Transform(), sitk.sitkLinear, outside, sitk.sitkFloat64)
+        )
+        if best is None:
+            best, second, labels = p, np.full(p.shape, -np.inf), np.zeros(p.shape, np.uint8)
+            continue
+        higher = p > best
+        second = np.where(higher, best, np.maximum(second, p))
+        labels[higher] = k
+        best = np.where(higher, p, best)
+    return labels, best - second
+
+
+def restore_linear(probs: np.ndarray, prepared: pipeline.Prepared) -> sitk.Image:
+    return pipeline.restore(argmax16(probs), prepared, probs, method="linear")
+
+
+# ------------------------------------------------------------------------------------------------------ accuracy
+def test_linear_puts_a_smooth_boundary_within_a_quarter_voxel_where_nearest_cannot():
+    image = blank_image((120, 110, 36), (0.8, 0.8, 1.0), np.diag([-1.0, -1.0, 1.0]))
+    prepared = prepared_with_box(image)
+    normal = np.array([1.0, 0.6, 0.3]) / np.linalg.norm([1.0, 0.6, 0.3])
+    centre = np.array([12.0, -40.0, 310.0])
+
+    def distance(points):  # signed distance (mm) to an oblique plane: the organ is on its positive side
+        return (points - centre) @ normal
+
+    ramp = np.clip(0.5 + distance(physical_points_zyx(Grid.of(prepared.resampled))) / 20.0, 0.0, 1.0)
+    probs = np.zeros((*ramp.shape, NUM_CLASSES), np.float16)
+    probs[..., 1], probs[..., 0] = ramp, 1.0 - ramp  # linear across the boundary: interpolation is exact there
+    truth_d = distance(physical_points_zyx(Grid.of(image)))
+    # away from the field of view's edge (within half a coarse voxel of it the grid's edge values are clamped)
+    p = physical_points_zyx(Grid.of(image)) - np.asarray(image.GetOrigin())
+    extent = np.abs(np.asarray(image.GetDirection()).reshape(3, 3) @ (np.asarray(image.GetSpacing()) * 119))
+    interior = np.all((np.abs(p) > 5.0) & (np.abs(p) < np.maximum(extent, [1, 1, 35]) - 5.0), axis=-1)
+    quarter_voxel = 0.25 * min(SPEC.spacing_xyz_mm)
+    far = interior & (np.abs(truth_d) > quarter_voxel)
+    truth = (truth_d > 0).astype(np.uint8)
+    linear = sitk.GetArrayFromImage(restore_linear(probs, prepared))
+    nearest = sitk.GetArrayFromImage(pipeline.restore(argmax16(probs), prepared, method="nearest"))
+    assert far.sum() > 100_000
+    assert (linear[far] == truth[far]).all(), f"{(linear[far] != truth[far]).sum()} voxels wrong beyond 0.75 mm"
+    wrong_nearest = far & (nearest != truth)
+    assert wrong_nearest.sum() > 1000 and np.abs(truth_d[wrong_nearest]).max() > 1.0  # staircase up to ~2 mm
+
+
+# -------------------------------------------------------------------------------------- equal to the reference
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_slab_and_shortcut_path_equals_full_volume_interpolation(name):
+    size, spacing, direction = GEOMETRIES[name]
+    image = blank_image(size, spacing, direction)
+    shape = tuple(geometry.canonical_resample_ct(image, SPEC.spacing_xyz_mm).GetSize())[::-1]
+    box = (slice(0, shape[0]), slice(2, shape[1] - 1), slice(1, shape[2] - 3))  # touches the edge on one axis
+    prepared = prepared_with_box(image, box)
+    points = physical_points_zyx(Grid.of(prepared.resampled), box)
+    probs = smooth_probabilities(points, np.random.default_rng(0), noise=0.6)
+    labels = argmax16(probs)
+    padded = np.zeros([n + 2 for n in labels.shape], np.uint8)
+    padded[1:-1, 1:-1, 1:-1] = labels
+    cells = restore.cell_labels(labels)
+    mixed = restore.mixed_cells(cells, probs, (0, 0, 0))
+    # every path runs: uniform cells, two-candidate cells, cells of three or more
+    assert (cells != restore.MIXED).sum() > 100 and (~mixed.general).sum() > 100 and mixed.general.sum() > 10
+    got = sitk.GetArrayFromImage(restore_linear(probs, prepared))
+    expected, gap = itk_reference(probs, prepared)
+    differ = got != expected
+    assert not (differ & (gap > TIE)).any(), f"{(differ & (gap > TIE)).sum()} of {got.size} voxels differ"
+
+
+# ------------------------------------------------------------------------------------------------- exact grids
+def smooth_batch(batch: np.ndarray) -> np.ndarray:
+    """A numpy stand-in network: smooth logits of the centre channel's intensity (background, liver, spleen)."""
+    x = batch[:, batch.shape[1] // 2]
+    scores = np.full((batch.shape[0], NUM_CLASSES, *batch.shape[2:]), -20.0, np.float32)
+    scores[:, 0] = 8.0 * (0.3 - x)
+    scores[:, 1] = 0.0
+    scores[:, 3] = 8.0 * (x - 0.62)
+    return scores
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_oblique_flipped_and_permuted_inputs_keep_their_exact_grid(name):
+    image = body_image(*GEOMETRIES[name])
+    masks = {
+        m: pipeline.predict_case(image, smooth_batch, SPEC, batch_size=8, restore_method=m)
+        for m in ("linear", "nearest")
+    }
+    for mask in masks.values():
+        assert Grid.of(mask) == Grid.of(image)
+    agree = sitk.GetArrayViewFromImage(masks["linear"]) == sitk.GetArrayViewFromImage(masks["nearest"])
+    assert agree.mean() > 0.9  # the same labels, placed differently only near boundaries
+
+
+@pytest.mark.parametrize(
+    "size, spacing",
+    [((90, 80, 1), (1.1, 1.1, 2.5)), ((1024, 1024, 1), (0.4, 0.4, 2.0)), ((80, 70, 5), (1.4, 1.4, 10.0))],
+    ids=["one_slice", "1024x1024", "slices_10mm_coarser_than_the_model"],
+)
+def test_unusual_ct_shapes_work_under_linear_with_the_exact_grid(size, spacing):
+    image = body_image(size, spacing, np.diag([1.0, -1.0, 1.0]))
+    prepared = pipeline.prepare(image, SPEC)
+    labels, probs = pipeline.predict_volume(
+        prepared, smooth_batch, SPEC, batch_size=8, outputs=("labels", "probabilities")
+    )
+    mask = pipeline.restore(labels, prepared, probs, method="linear")
+    assert Grid.of(mask) == Grid.of(image)
+    expected, gap = itk_reference(probs.astype(np.float32), prepared)
+    got = sitk.GetArrayFromImage(mask)
+    assert len(np.unique(got)) >= 2
+    assert not ((got != expected) & (gap > TIE)).any()
+
+
+def test_an_empty_body_box_gives_all_background():
+    image = blank_image((60, 50, 8), (1.1, 1.1, 3.0), np.diag([-1.0, -1.0, 1.0]))  # all air: no body
+    prepared = pipeline.prepare(image, SPEC)
+    assert prepared.vol_zyx.size == 0
+    for method in ("linear", "nearest"):
+        mask = pipeline.predict_case(image, smooth_batch, SPEC, batch_size=8, restore_method=method)
+        assert Grid.of(mask) == Grid.of(image) and not sitk.GetArrayViewFromImage(mask).any()
+
+
+# ---------------------------------------------------------------------------------------------- the grid check
+@pytest.mark.parametrize("wrong", ["half_voxel_shift", "flipped_axis", "swapped_axes"])
+@pytest.mark.parametrize("method", ["linear", "nearest"])
+def test_a_wrong_voxel_map_is_refused(monkeypatch, wrong, method):
+    image = body_image((70, 60, 24), (1.13, 1.07, 2.1), np.diag([-1.0, -1.0, 1.0]))
+    prepared = pipeline.prepare(image, SPEC)
+    labels, probs = pipeline.predict_volume(
+        prepared, smooth_batch, SPEC, batch_size=8, outputs=("labels", "probabilities")
+    )
+    honest = geometry.voxel_map
+
+    def wrong_map(*args):
+        v = honest(*args)
+        if wrong == "half_voxel_shift":
+            start = (v.start_mm[0] + 0.5 * v.spacing_mm[0], *v.start_mm[1:])
+            return geometry.VoxelMap(v.axes, start, v.step_mm, v.spacing_mm, v.grid_size, v.image_size_xyz)
+        if wrong == "flipped_axis":
+            step = (-v.step_mm[0], *v.step_mm[1:])
+            return geometry.VoxelMap(v.axes, v.start_mm, step, v.spacing_mm, v.grid_size, v.image_size_xyz)
+        fields = (v.axes, v.start_mm, v.step_mm, v.spacing_mm, v.grid_size)  # x and y swapped
+        return geometry.VoxelMap(*[(f[1], f[0], f[2]) for f in fields], v.image_size_xyz)
+
+    assert Grid.of(pipeline.restore(labels, prepared, probs, method=method)) == Grid.of(image)
+    monkeypatch.setattr(geometry, "voxel_map", wrong_map)
+    monkeypatch.setattr(restore, "voxel_map", wrong_map)
+    with pytest.raises(GridMismatchError, match="does not lie on the input's grid"):
+        pipeline.restore(labels, prepared, probs, method=method)
+
+
+# ------------------------------------------------------------------------------------------ what is computed
+def test_predict_computes_only_the_outputs_asked_for():
+    vol = np.random.default_rng(0).uniform(0, 1, (5, 20, 24)).astype(np.float32)
+    (labels,) = predict_slices(smooth_batch, vol, SliceConfig(outputs=("labels",)))
+    labels2, probs = predict_slices(smooth_batch, vol, SliceConfig(outputs=("labels", "probabilities")))
+    labels3, confidence = predict_slices(smooth_batch, vol, SliceConfig())  # training's pseudo-labels
+    assert probs.dtype == np.float16 and probs.shape == (*vol.shape, NUM_CLASSES)
+    np.testing.assert_array_equal(labels, labels2)
+    np.testing.assert_array_equal(labels, labels3)
+    np.testing.assert_array_equal(labels2, argmax16(probs))
+    np.testing.assert_allclose(probs.astype(np.float32).sum(-1), 1 + NUM_CLASSES * PROBABILITY_FLOOR, atol=5e-3)
+    np.testing.assert_allclose(confidence.astype(np.float32), probs.astype(np.float32).max(-1) - PROBABILITY_FLOOR,
+                               atol=2e-3)  # fmt: skip
+    with pytest.raises(ValueError, match="outputs must be"):
+        SliceConfig(outputs=("labels", "logits"))
+
+
+def test_labels_are_the_argmax_of_the_stored_probabilities_at_float16_ties():
+    scores = np.full((1, NUM_CLASSES, 16, 16), -30.0, np.float32)
+    scores[:, 1] = 0.0
+    scores[:, 2] = np.float32(1e-5)  # class 2 wins in float32, ties with class 1 once stored as float16
+    labels, probs = predict_slices(lambda b: scores[: len(b)], np.zeros((1, 16, 16), np.float32),
+                                   SliceConfig(outputs=("labels", "probabilities")))  # fmt: skip
+    assert probs[0, 0, 0, 1] == probs[0, 0, 0, 2] and (labels == 1).all()
+
+
+def test_components_removed_by_post_processing_do_not_come_back_by_interpolation():
+    image = blank_image((70, 60, 24), (1.13, 1.07, 2.1), np.eye(3))
+    base = prepared_with_box(image)
+    shape = base.vol_zyx.shape
+    # the slice index as the "intensity", so that a stand-in network can return this case's scores slice by slice
+    prepared = pipeline.Prepared(
+        image, base.resampled, np.broadcast_to(np.arange(shape[0], dtype=np.float32)[:, None, None], shape).copy(),
+        base.box_zyx,
+    )  # fmt: skip
+    logits = np.full((*shape, NUM_CLASSES), -10.0, np.float32)
+    logits[..., 0] = 0
+    logits[2:6, 4:12, 4:12, 1] = 5  # the liver's large component
+    logits[2:4, 16:18, 16:18, 1] = 5  # a small one, which lcc removes
+
+    def network(batch):  # (N, 1, H16, W16) -> (N, 14, H16, W16)
+        out = np.zeros((batch.shape[0], NUM_CLASSES, *batch.shape[2:]), np.float32)
+        out[:, :, : shape[1], : shape[2]] = logits[batch[:, 0, 0, 0].astype(int)].transpose(0, 3, 1, 2)
+        return out
+
+    kwargs = dict(batch_size=4, fixed_batch=False, restore_method="linear", timed=lambda stage: None)
+    cleaned = sitk.GetArrayFromImage(pipeline._infer_and_restore(prepared, network, SPEC, postprocess="lcc", **kwargs))
+    kept = sitk.GetArrayFromImage(pipeline._infer_and_restore(prepared, network, SPEC, postprocess="none", **kwargs))
+    near_small = np.zeros(shape, np.uint8)
+    near_small[1:5, 15:19, 15:19] = 1  # the small component and one coarse voxel around it
+    near_small = geometry.labels_to_image_grid(near_small, Grid.of(prepared.resampled), image)
+    near_small = sitk.GetArrayViewFromImage(near_small) > 0
+    assert (kept[near_small] == 1).sum() > 50 and not cleaned[near_small].any()
+    np.testing.assert_array_equal(cleaned[~near_small], kept[~near_small])  # the large component as it was
+    assert (cleaned == 1).sum() > 1000
+
+
+def test_linear_restore_without_probabilities_says_what_to_pass():
+    image = blank_image((40, 30, 8), (1.1, 1.1, 3.0), np.eye(3))
+    prepared = prepared_with_box(image)
+    with pytest.raises(ValueError, match="outputs_for"):
+        pipeline.restore(np.zeros(prepared.vol_zyx.shape, np.uint8), prepared)
+    with pytest.raises(ValueError, match="restore must be one of"):
+        pipeline.restore(np.zeros(prepared.vol_zyx.shape, np.uint8), prepared, method="cubic")
