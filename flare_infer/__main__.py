@@ -8,18 +8,19 @@ Every `*.nii.gz` / `*.nii` in INPUT_DIR is a case; `NAME_0000.nii.gz` writes `NA
 names keep theirs. A case that fails logs `ERROR <file name>: <reason>` on stderr and the others go
 on. Exit code: 0 every case written, 1 some case failed, 2 usage error (nothing was processed).
 The first case is read while onnxruntime starts, and each next case while the current one is on the
-network (`io.ReadAhead`, a background thread).
+network (`io.ReadAhead`, a background thread). argparse rather than typer here: typer (with the
+pydantic it loads to coerce options) costs 0.30 s of CPU at every start, argparse 0.03 s (measured,
+docs/PERFORMANCE.md), and the container pays the start once per case.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-
-import typer
 
 from flare_infer import io
 from flare_infer.postprocess import POSTPROCESS_CHOICES
@@ -27,7 +28,6 @@ from flare_infer.restore import RESTORE_CHOICES
 from flare_infer.session import CUDA_ARENA_LIMIT_BYTES, DEVICES, PRECISIONS
 
 log = logging.getLogger("flare_infer")
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="FLARE22 abdominal organ segmentation (ONNX).")
 
 DEFAULT_MODEL = Path("weights/student.onnx")
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
@@ -172,75 +172,109 @@ def _progress(cases: list[Path]):
     yield from track(cases, description="cases", console=Console(stderr=True), transient=True)
 
 
-@app.callback()
-def main() -> None:
-    """FLARE22 abdominal organ segmentation with an ONNX model (no torch)."""
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, found {value}")
+        return value
+
+    return parse
 
 
-@app.command()
-def predict(
-    input_dir: Path = typer.Argument(..., help="folder of CTs (*.nii.gz, *.nii)"),
-    output_dir: Path = typer.Argument(..., help="folder for the masks (created)"),
-    model: Path | None = typer.Option(None, help="NAME.onnx with NAME.json beside it (default: weights/student.onnx)"),
-    device: str = typer.Option("auto", help=f"one of {DEVICES}: auto = CUDA if onnxruntime has it, else CPU"),
-    precision: str = typer.Option(
-        "auto", help=f"one of {PRECISIONS}: auto = NAME.fp16.onnx on CUDA where its sidecar records a passed check"
-    ),
-    cuda_arena_mib: int = typer.Option(
-        CUDA_ARENA_LIMIT_BYTES // 2**20,
-        min=64,
-        help="onnxruntime's CUDA arena cap, MiB (effect on the device unmeasured)",
-    ),
-    batch_size: int = typer.Option(16, min=1, help="axial slices per network call"),
-    postprocess: str = typer.Option("none", help=f"one of {POSTPROCESS_CHOICES}: lcc = largest component per organ"),
-    restore: str = typer.Option(
-        "linear", help=f"one of {RESTORE_CHOICES}: linear = class probabilities interpolated onto the CT, then argmax"
-    ),
-    preview: bool = typer.Option(False, help="also write NAME.png: axial, coronal, sagittal slices with the mask"),
-    shard: str = typer.Option("0/1", help="K/N: process cases K, K+N, K+2N, ... (split a folder over machines)"),
-    threads: int | None = typer.Option(None, min=1, help="CPU threads, onnxruntime and ITK (default: all allowed)"),
-    read_ahead: bool = typer.Option(True, help="read the next case in a background thread (holds one more CT)"),
-) -> None:
-    """Segment every CT in INPUT_DIR into OUTPUT_DIR."""
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m flare_infer", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = commands.add_parser("predict", help="segment every CT in INPUT_DIR into OUTPUT_DIR",
+                            description="Segment every CT in INPUT_DIR into OUTPUT_DIR.")  # fmt: skip
+    p.add_argument("input_dir", type=Path, metavar="INPUT_DIR", help="folder of CTs (*.nii.gz, *.nii)")
+    p.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="folder for the masks (created)")
+    p.add_argument("--model", type=Path, help="NAME.onnx with NAME.json beside it (default: weights/student.onnx)")
+    p.add_argument("--device", default="auto", help=f"one of {DEVICES}: auto = CUDA if onnxruntime has it, else CPU")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help=f"one of {PRECISIONS}: auto = NAME.fp16.onnx on CUDA where its sidecar records a passed check",
+    )
+    p.add_argument(
+        "--cuda-arena-mib",
+        type=_at_least(64),
+        default=CUDA_ARENA_LIMIT_BYTES // 2**20,
+        help="onnxruntime's CUDA arena cap, MiB (effect on the whole device unmeasured)",
+    )
+    p.add_argument("--batch-size", type=_at_least(1), default=16, help="axial slices per network call")
+    p.add_argument(
+        "--postprocess", default="none", help=f"one of {POSTPROCESS_CHOICES}: lcc = largest component per organ"
+    )
+    p.add_argument(
+        "--restore",
+        default="linear",
+        help=f"one of {RESTORE_CHOICES}: linear = class probabilities interpolated onto the CT, then argmax",
+    )
+    p.add_argument(
+        "--preview",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also write NAME.png: axial, coronal, sagittal slices with the mask",
+    )
+    p.add_argument("--shard", default="0/1", help="K/N: process cases K, K+N, K+2N, ... (split a folder over machines)")
+    p.add_argument("--threads", type=_at_least(1), help="CPU threads, onnxruntime and ITK (default: all allowed)")
+    p.add_argument("--read-ahead", action=argparse.BooleanOptionalAction, default=True,
+                   help="read the next case in a background thread (holds one more CT)")  # fmt: skip
+    return parser
+
+
+def _check_choices(args: argparse.Namespace) -> None:
+    for option, choices in (("device", DEVICES), ("postprocess", POSTPROCESS_CHOICES), ("restore", RESTORE_CHOICES),
+                            ("precision", PRECISIONS)):  # fmt: skip
+        if getattr(args, option) not in choices:
+            raise UsageError(f"--{option} must be one of {choices}, found {getattr(args, option)!r}")
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Segment every CT in args.input_dir into args.output_dir; the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import SimpleITK as sitk
 
     sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's header warnings are noise; refusals say why
-    if threads:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)  # ITK reads and writes in threads too
+    if args.threads:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)  # ITK reads and writes in threads too
     try:
-        if device not in DEVICES:
-            raise UsageError(f"--device must be one of {DEVICES}, found {device!r}")
-        if postprocess not in POSTPROCESS_CHOICES:
-            raise UsageError(f"--postprocess must be one of {POSTPROCESS_CHOICES}, found {postprocess!r}")
-        if restore not in RESTORE_CHOICES:
-            raise UsageError(f"--restore must be one of {RESTORE_CHOICES}, found {restore!r}")
-        if precision not in PRECISIONS:
-            raise UsageError(f"--precision must be one of {PRECISIONS}, found {precision!r}")
-        k, n = parse_shard(shard)
-        cases = check_folders(input_dir, output_dir)[k::n]
-        model_path = resolve_model(model)
+        _check_choices(args)
+        k, n = parse_shard(args.shard)
+        cases = check_folders(args.input_dir, args.output_dir)[k::n]
+        model_path = resolve_model(args.model)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(EXIT_USAGE) from None
+        return EXIT_USAGE
     start = time.perf_counter()
-    with io.ReadAhead(enabled=read_ahead) as ahead:
+    with io.ReadAhead(enabled=args.read_ahead) as ahead:
         if cases:
             ahead.schedule(cases[0])  # read while onnxruntime loads and the session is built
         try:
-            loaded = _load(model_path, device, threads, precision, cuda_arena_mib)
+            loaded = _load(model_path, args.device, args.threads, args.precision, args.cuda_arena_mib)
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(EXIT_USAGE) from None
+            return EXIT_USAGE
         log.info("model %s on %s; %d cases (shard %d/%d)", loaded.model_path, loaded.provider, len(cases), k, n)
-        if loaded.provider == "CPUExecutionProvider" and device != "cpu":
+        if loaded.provider == "CPUExecutionProvider" and args.device != "cpu":
             log.info("no usable NVIDIA GPU (no driver visible or no CUDA in this onnxruntime): running on the CPU")
         failed = run_cases(
-            cases, output_dir, loaded, batch_size=batch_size, postprocess=postprocess, preview=preview, restore=restore,
-            ahead=ahead,
+            cases, args.output_dir, loaded, batch_size=args.batch_size, postprocess=args.postprocess,
+            preview=args.preview, restore=args.restore, ahead=ahead,
         )  # fmt: skip
     log.info("total %.1f s", time.perf_counter() - start)
-    raise typer.Exit(EXIT_CASE_FAILED if failed else EXIT_OK)
+    return EXIT_CASE_FAILED if failed else EXIT_OK
+
+
+def app(argv: list[str] | None = None) -> None:
+    """Parse, run, exit with the command's code (argparse's own usage errors exit 2, like ours)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.exit(predict(args))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from flare_infer.labels import AXIAL_RANGE_CUT_VALUES, ORGANS, Organ
-from flare_infer.metrics import dice, fast_surface_dice, find_boxes, organiser_spacing
+from flare_infer.metrics import dice, fast_surface_dice, find_boxes, import_scipy, organiser_spacing
 
 DSC_COLUMNS = tuple(f"{o.short}_DSC" for o in ORGANS)
 NSD_COLUMNS = tuple(f"{o.short}_NSD" for o in ORGANS)
@@ -200,10 +200,14 @@ def _warn_if_grids_differ(pred, gt, name: str) -> None:
 
 def _evaluate_file_pair(args) -> CaseScores:
     pred_path, gt_path, flare_2024, threads = args
+    import SimpleITK  # noqa: F401  (here, not in the reading threads: an import holds the GIL)
+
     paths = [gt_path] if pred_path is None else [gt_path, pred_path]
-    # Both files at once: ITK releases the GIL while it decompresses and parses.
+    # Both files at once, and scipy's import (0.5 s of CPU) meanwhile: ITK releases the GIL while it reads.
     with ThreadPoolExecutor(min(threads, len(paths))) as pool:
-        gt, *pred = pool.map(_read_labels, paths)
+        reads = [pool.submit(_read_labels, path) for path in paths]
+        import_scipy()
+        gt, *pred = (read.result() for read in reads)
     if pred_path is None:
         # Scored as an empty prediction: 0 for organs in the GT, 1 for organs absent from both.
         pred = np.zeros(gt.GetSize()[::-1], np.uint8)
@@ -340,22 +344,23 @@ def main(
     return 1 if result.errors else 0
 
 
-def _cli() -> None:
-    import typer
+def _cli(argv: list[str] | None = None) -> None:
+    # argparse, not typer: typer and the pydantic it loads cost 0.3 s of CPU per start (docs/PERFORMANCE.md).
+    import argparse
 
-    def command(
-        pred_dir: Path = typer.Argument(..., help="folder of predicted masks NAME.nii.gz"),
-        gt_dir: Path = typer.Argument(..., help="folder of ground-truth masks NAME.nii.gz"),
-        csv: Path | None = typer.Option(None, "--csv", help="per-case CSV in the organisers' column order"),
-        markdown: Path | None = typer.Option(None, "--markdown", help="per-organ mean +/- std table"),
-        flare_2024: bool = typer.Option(False, "--flare-2024", help="FLARE24 rule: NSD = 0 when DSC < 0.2"),
-        workers: int | None = typer.Option(
-            None, "--workers", min=1, help="parallel workers: cases in processes, organs in threads (default: cores)"
-        ),
-    ) -> None:
-        raise typer.Exit(main(pred_dir, gt_dir, csv, markdown, flare_2024, workers))
-
-    typer.run(command)
+    parser = argparse.ArgumentParser(prog="python -m flare_infer.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("pred_dir", type=Path, metavar="PRED_DIR", help="folder of predicted masks NAME.nii.gz")
+    parser.add_argument("gt_dir", type=Path, metavar="GT_DIR", help="folder of ground-truth masks NAME.nii.gz")
+    parser.add_argument("--csv", type=Path, help="per-case CSV in the organisers' column order")
+    parser.add_argument("--markdown", type=Path, help="per-organ mean +/- std table")
+    parser.add_argument("--flare-2024", action="store_true", help="FLARE24 rule: NSD = 0 when DSC < 0.2")
+    parser.add_argument(
+        "--workers", type=int, help="cases in processes, organs in threads (default: the cores allowed)"
+    )
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be >= 1, found {args.workers}")
+    sys.exit(main(args.pred_dir, args.gt_dir, args.csv, args.markdown, args.flare_2024, args.workers))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ Two implementations of the same algorithm, with the same numbers:
   get inf), recomputed with the distance transform's own formula. Sorting by numpy instead of Python.
 
 Arrays are in the organisers' axis order: (x, y, z) as nibabel loads a NIfTI, with the spacing
-(x, y, z) from the header. Pure numpy + scipy; `python -m flare_infer.evaluate` is the command.
+(x, y, z) from the header. Pure numpy + scipy (imported where used: `import_scipy` runs the import
+early, e.g. while the files are read); `python -m flare_infer.evaluate` is the command.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 # ---------------------------------------------------------------------------------------------
 # Surfel-normal table. Derived from `_NEIGHBOUR_CODE_TO_NORMALS` in DeepMind's surface-distance
@@ -90,6 +90,15 @@ def surfel_area_table(spacing_xyz: tuple[float, float, float]) -> np.ndarray:
     return table
 
 
+def import_scipy() -> None:
+    """Import the scipy parts scoring needs (0.5-0.6 s of CPU), e.g. while ITK reads the files.
+
+    Each function imports what it uses itself, so this only moves the cost to a moment of your choice.
+    """
+    import scipy.ndimage  # noqa: F401
+    import scipy.spatial  # noqa: F401
+
+
 def organiser_spacing(spacing_xyz) -> tuple[float, float, float]:
     """The spacing as nibabel's `header.get_zooms()` gives it: float32 values (the NIfTI pixdim type).
 
@@ -119,6 +128,8 @@ def find_boxes(labels: np.ndarray, max_label: int = 0) -> list[tuple[slice, ...]
     them): the pass runs over the transpose, which is in memory order, and the boxes are transposed
     back (5x less CPU for a 512 x 512 x 300 volume than striding through the view).
     """
+    from scipy import ndimage
+
     if labels.flags.f_contiguous and not labels.flags.c_contiguous:
         return [None if box is None else box[::-1] for box in ndimage.find_objects(labels.T, max_label)]
     return ndimage.find_objects(labels, max_label)
@@ -155,6 +166,8 @@ def _neighbour_codes(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.nda
 
 def _neighbour_codes_correlate(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """DeepMind's own computation of `_neighbour_codes` (`ndimage.correlate`), kept for the tests."""
+    from scipy import ndimage
+
     crop = np.zeros(tuple(hi - lo + 2), np.uint8)
     crop[:-1, :-1, :-1] = mask[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
     return ndimage.correlate(crop, ENCODE_KERNEL, mode="constant", cval=0)
@@ -166,6 +179,8 @@ def _borders(codes: np.ndarray) -> np.ndarray:
 
 def _edt_or_inf(borders: np.ndarray, spacing_xyz: tuple[float, float, float]) -> np.ndarray:
     if borders.any():
+        from scipy import ndimage
+
         return ndimage.distance_transform_edt(~borders, sampling=spacing_xyz)
     return np.full(borders.shape, np.inf)
 

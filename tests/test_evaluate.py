@@ -323,3 +323,14 @@ def test_boxes_of_a_transposed_view_are_the_boxes_of_its_copy():
     view = gt.transpose(2, 1, 0)  # what evaluate_case makes of SimpleITK's (Z, Y, X) array
     assert view.flags.f_contiguous and not view.flags.c_contiguous
     assert metrics.find_boxes(view, 13) == metrics.find_boxes(np.ascontiguousarray(view), 13)
+
+
+def test_command_line_writes_the_csv_and_exits_zero(tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    _write(_case_zyx(), gt_dir / "case_a.nii.gz")
+    _write(np.roll(_case_zyx(), 1, axis=2), pred_dir / "case_a.nii.gz")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate._cli([str(pred_dir), str(gt_dir), "--csv", str(tmp_path / "s.csv"), "--workers", "2"])
+    assert exit_info.value.code == 0
+    assert (tmp_path / "s.csv").read_text().splitlines()[1].startswith("case_a.nii.gz,0.")
