@@ -16,11 +16,16 @@ kept as a fallback: it is ~40x faster to export and gives the same numbers.
 
 Checks (on by default, `--no-check` skips them), on the CTs of `--check-cases DIR`, or else on two
 synthetic CTs generated in memory (`training.phantoms`, the unlabelled domain):
-  * parity: onnxruntime (CPU) against torch on mid-volume slices of a CT prepared as deployed, at
-    its padded shape (square, so never the non-square export dummy's): max abs difference of the
-    logits must be <= 1e-4 (`--atol`), else `ExportError` and the file is removed. Real slices, not
-    noise: noise drives an under-trained U-Net to logits in the hundreds, where float32 round-off
-    of torch itself (against float64) passes 1e-4 and the check would say nothing about the export.
+  * parity: onnxruntime (CPU) and torch float32 against a float64 torch reference of the same model,
+    on mid-volume slices of a CT prepared as deployed, at its padded shape (square, so never the
+    non-square export dummy's). ONNX's max abs logit error must be within `--parity-factor` (4) times
+    torch float32's own error on that model and input, plus `--parity-floor` (1e-5); else
+    `ExportError` and the file is removed. Relative, because float32 round-off grows with the
+    logits: a 1-epoch model whose logits reach 72 differs from float64 by 8e-5 in torch itself, so
+    an absolute 1e-4 failed correct exports (onnxruntime at 1.16e-4 there). Measured on settled
+    U-Nets of width 4 and 8 with logits 1 to 290: ONNX's error is 0.77-1.43 x torch float32's; a
+    wrong export (a weight changed after export) is off by orders of magnitude more. Both errors
+    go into the sidecar's `checks`.
   * `--fp16`: also writes OUT.fp16.onnx + OUT.fp16.json, the weights and activations in float16
     with float32 input and output kept (onnxconverter-common, `keep_io_types=True`). Its argmax
     labels are compared with the float32 model's through `flare_infer`'s own pipeline (session,
@@ -61,7 +66,8 @@ class ExportConfig:
     exporter: str = "dynamo"
     opset: int = 18  # dynamo's default; the torchscript exporter uses 17 (the issue asks for >= 17)
     check: bool = True
-    atol: float = 1e-4  # fp32 parity: max abs logit difference, onnxruntime vs torch
+    parity_factor: float = 4.0  # ONNX's logit error (vs float64) may be this many times torch float32's own
+    parity_floor: float = 1e-5  # ... plus this (absolute): a model whose float32 error is ~0 still passes
     fp16: bool = False
     min_fp16_agreement: float = 0.999  # fraction of voxels whose argmax equals the fp32 model's
     dummy_shape: tuple[int, int] = (32, 48)  # (H, W) of the export dummy: not square, so never a CT slice's shape
@@ -72,6 +78,9 @@ class ExportConfig:
             raise ValueError(f"exporter must be one of {EXPORTERS}, found {self.exporter!r}")
         if self.opset < 17:
             raise ValueError(f"opset must be >= 17 (the issue's contract), found {self.opset}")
+        if self.parity_factor < 1 or self.parity_floor < 0:
+            raise ValueError(f"parity_factor must be >= 1 and parity_floor >= 0; found {self.parity_factor}, "
+                             f"{self.parity_floor}")  # fmt: skip
 
 
 class MainHead(nn.Module):
@@ -154,11 +163,8 @@ def check_images(case_paths: list[Path] | None, n_generated: int = 2) -> list:
 
 
 def parity_batch(image, spec: ModelSpec, n: int = 3) -> np.ndarray:
-    """(n, C, H16, W16) float32: `n` mid-volume slices of a CT, prepared exactly as deployed.
-
-    Real CT slices, not noise: a U-Net fed uniform noise can give logits in the hundreds, where
-    float32 round-off in torch itself (vs float64) already exceeds 1e-4.
-    """
+    """(n, C, H16, W16) float32: `n` mid-volume slices of a CT, prepared exactly as deployed (the inputs
+    the model will see, not noise, which drives an under-trained U-Net to logits in the hundreds)."""
     from flare_infer.pipeline import prepare
     from flare_infer.predictor import gather_batch
     from flare_infer.preprocess import pad_slices
@@ -169,25 +175,49 @@ def parity_batch(image, spec: ModelSpec, n: int = 3) -> np.ndarray:
     return np.ascontiguousarray(pad_slices(gather_batch(vol_zyx, z, spec.input_channels)), dtype=np.float32)
 
 
-def parity_max_abs_diff(model: UNet, onnx_path: Path, batch_nchw: np.ndarray) -> float:
-    """Max |onnxruntime - torch| of the logits on `batch_nchw`."""
-    with torch.no_grad():
-        expected = MainHead(model.float().cpu().eval())(torch.from_numpy(batch_nchw)).numpy()
-    found = ort_session(onnx_path).run(["logits"], {"input": batch_nchw})[0]
-    if found.shape != expected.shape:
-        raise ExportError(f"{onnx_path}: output {found.shape} for input {batch_nchw.shape}; expected {expected.shape}")
-    return float(np.abs(found - expected).max())
+@dataclass(frozen=True)
+class Parity:
+    """Max abs logit errors on one batch against torch float64 of the same model (the reference)."""
+
+    onnx_error: float  # onnxruntime float32
+    float32_error: float  # torch float32: the round-off a correct float32 runtime has on this model and input
+    onnx_vs_torch: float  # max |onnxruntime - torch float32|
+    max_abs_logit: float
+    shape: tuple[int, ...]
+
+    def tolerance(self, cfg: ExportConfig) -> float:
+        return cfg.parity_factor * self.float32_error + cfg.parity_floor
+
+    def passes(self, cfg: ExportConfig) -> bool:
+        return self.onnx_error <= self.tolerance(cfg)
+
+    def checks(self, cfg: ExportConfig) -> dict:
+        """The sidecar's `checks`."""
+        return {"parity_reference": "torch float64 of the same checkpoint", "parity_onnx_error": self.onnx_error,
+                "parity_float32_error": self.float32_error, "parity_tolerance": self.tolerance(cfg),
+                "parity_factor": cfg.parity_factor, "parity_floor": cfg.parity_floor,
+                "parity_max_abs_diff": self.onnx_vs_torch, "parity_max_abs_logit": self.max_abs_logit,
+                "parity_input_shape": list(self.shape)}  # fmt: skip
 
 
-def float32_floor(model: UNet, batch_nchw: np.ndarray) -> tuple[float, float]:
-    """(max |torch float32 - torch float64|, max |logit|): the round-off floor any float32 runtime has."""
+def parity(model: UNet, onnx_path: Path, batch_nchw: np.ndarray) -> Parity:
+    """onnxruntime and torch float32 against torch float64 on `batch_nchw` (N, C, H, W) float32."""
     import copy
 
     x = torch.from_numpy(batch_nchw)
     with torch.no_grad():
-        ref32 = MainHead(model.float().cpu().eval())(x)
+        ref32 = MainHead(model.float().cpu().eval())(x).double()
         ref64 = MainHead(copy.deepcopy(model).double().eval())(x.double())
-    return float((ref32.double() - ref64).abs().max()), float(ref32.abs().max())
+    found = ort_session(onnx_path).run(["logits"], {"input": batch_nchw})[0]
+    if found.shape != ref32.shape:
+        raise ExportError(f"{onnx_path}: output {found.shape} for input {batch_nchw.shape}; expected {ref32.shape}")
+    found = torch.from_numpy(found).double()
+    return Parity(_max_abs(found - ref64), _max_abs(ref32 - ref64), _max_abs(found - ref32), _max_abs(ref32),
+                  tuple(batch_nchw.shape))  # fmt: skip
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return float(t.abs().max())
 
 
 def convert_fp16(src: Path, dst: Path) -> None:
@@ -268,8 +298,7 @@ def write_sidecar(spec: ModelSpec, onnx_path: Path, extra: dict) -> ModelSpec:
 @dataclass(frozen=True)
 class ExportReport:
     onnx_path: Path
-    max_abs_diff: float | None
-    parity_shape: tuple[int, ...] | None
+    parity: Parity | None  # None: not checked
     fp16_path: Path | None = None
     fp16_agreement: float | None = None
 
@@ -290,29 +319,33 @@ def export_checkpoint(
     prov["exporter"] = f"torch {torch.__version__} torch.onnx.export {cfg.exporter}, opset {opset}"
     export_onnx(model, out, cfg)
     images = check_images(check_cases) if cfg.check else []
-    diff, checks = None, {}
-    if cfg.check:
-        batch = parity_batch(images[0], spec)
-        if batch.shape[-2:] == cfg.dummy_shape:
-            batch = batch[..., :-16]  # a shape different from the export dummy's (the dynamic-shape check)
-        diff = parity_max_abs_diff(model, out, batch)
-        if not diff <= cfg.atol:
-            out.unlink()
-            floor, scale = float32_floor(model, batch)
-            raise ExportError(
-                f"{out}: onnxruntime differs from torch by {diff:.3g} (max abs logit) on {batch.shape}; expected <= "
-                f"{cfg.atol}. Removed it. For scale: logits reach {scale:.3g} and torch float32 itself differs from "
-                f"float64 by {floor:.3g}; if that is near {cfg.atol} the model is not trained enough for this check "
-                "(train longer or raise --atol), else try --exporter torchscript and report the model config."
-            )
-        checks = {"parity_max_abs_diff": diff, "parity_input_shape": list(batch.shape), "parity_tolerance": cfg.atol}
+    result = check_parity(model, out, spec, images, cfg) if cfg.check else None
     notes = dict(cfg.notes)
+    checks = {} if result is None else result.checks(cfg)
     write_sidecar(spec, out, {"provenance": prov, "metrics": metrics, "checks": checks, **notes})
-    report = ExportReport(out, diff, None if diff is None else tuple(batch.shape))
     if not cfg.fp16:
-        return report
+        return ExportReport(out, result)
     fp16_path, agreement = export_fp16(out, spec, {"provenance": prov, "metrics": metrics, **notes}, cfg, images)
-    return ExportReport(out, diff, report.parity_shape, fp16_path, agreement)
+    return ExportReport(out, result, fp16_path, agreement)
+
+
+def check_parity(model: UNet, out: Path, spec: ModelSpec, images: list, cfg: ExportConfig) -> Parity:
+    """`parity` on the first check CT at a shape other than the export dummy's; ExportError (and `out`
+    removed) unless ONNX's error is within cfg.parity_factor x torch float32's + cfg.parity_floor."""
+    batch = parity_batch(images[0], spec)
+    if batch.shape[-2:] == cfg.dummy_shape:
+        batch = batch[..., :-16]  # a shape different from the export dummy's (the dynamic-shape check)
+    result = parity(model, out, batch)
+    if not result.passes(cfg):
+        out.unlink()
+        raise ExportError(
+            f"{out}: onnxruntime's logits differ from a float64 torch reference of the same model by "
+            f"{result.onnx_error:.3g} (max abs) on {result.shape}, torch float32's by {result.float32_error:.3g}; "
+            f"expected within {cfg.parity_factor:g} x that + {cfg.parity_floor:g} = {result.tolerance(cfg):.3g}. "
+            "Removed it: the ONNX graph computes something else than the checkpoint. Try --exporter torchscript "
+            "and report the model config."
+        )
+    return result
 
 
 def export_fp16(out: Path, spec: ModelSpec, extra: dict, cfg: ExportConfig, images: list):
@@ -340,14 +373,17 @@ app = typer_app()
 
 @app.command()
 def main(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="last.pt / best.pt of python -m training.teacher or training.student"),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT",
+                                      help="last.pt / best.pt of python -m training.teacher or training.student"),
     out: Path = typer.Argument(..., metavar="OUT", help="NAME.onnx; the sidecar NAME.json is written beside it"),
     fp16: bool = typer.Option(False, help="also NAME.fp16.onnx (float16 inside, float32 I/O), agreement-checked"),
     check: bool = typer.Option(True, "--check/--no-check", help="parity with torch (and fp16 agreement)"),
     check_cases: Path = typer.Option(None, help="folder of CTs for the checks (default: 2 generated CTs)"),
     exporter: str = typer.Option("dynamo", help="dynamo (opset 18) or torchscript (legacy, opset 17)"),
     opset: int = typer.Option(18),
-    atol: float = typer.Option(1e-4, help="max abs logit difference onnxruntime vs torch"),
+    parity_factor: float = typer.Option(4.0, help="ONNX's max abs logit error against torch float64 may be this many "
+                                        "times torch float32's own (measured 0.8-1.4 x on correct exports)"),
+    parity_floor: float = typer.Option(1e-5, help="... plus this absolute error"),
     note: list[str] = typer.Option(None, help="KEY=TEXT added to the sidecar(s) as a top-level field; repeatable"),
 ) -> None:
     """Export CHECKPOINT to OUT (.onnx) with its sidecar OUT.json; check it against torch."""
@@ -359,16 +395,19 @@ def main(
     bad = [n for n, kv in zip(note or [], notes, strict=True) if len(kv) != 2 or not kv[0] or kv[0] in reserved]
     if bad:
         raise typer.BadParameter(f"--note takes KEY=TEXT with a KEY not among {sorted(reserved)}; found {bad}")
-    cfg = ExportConfig(exporter=exporter, opset=opset, check=check, fp16=fp16, atol=atol, notes=notes)
+    cfg = ExportConfig(exporter=exporter, opset=opset, check=check, fp16=fp16, parity_factor=parity_factor,
+                       parity_floor=parity_floor, notes=notes)  # fmt: skip
     try:
         report = export_checkpoint(checkpoint, out, cfg, cases)
     except (ExportError, ValueError, KeyError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"wrote {report.onnx_path} + {sidecar_path(report.onnx_path).name}")
-    if report.max_abs_diff is not None:
-        typer.echo(f"parity on {report.parity_shape}: max abs logit difference onnxruntime vs torch "
-                   f"{report.max_abs_diff:.3g} (<= {atol:g})")  # fmt: skip
+    if report.parity is not None:
+        p = report.parity
+        typer.echo(f"parity on {p.shape}: max abs logit error against torch float64: onnxruntime {p.onnx_error:.3g}, "
+                   f"torch float32 {p.float32_error:.3g} (tolerance {p.tolerance(cfg):.3g}; logits reach "
+                   f"{p.max_abs_logit:.3g})")  # fmt: skip
     if report.fp16_path is not None:
         agree = report.fp16_agreement
         result = "not checked" if agree is None else f"argmax agreement {100 * agree:.4f} %"
