@@ -92,3 +92,25 @@ def test_help_at_80_columns_shows_every_option_name_in_full(name):
     for option in names:
         assert option in result.output.split(), f"{option} not shown whole in {name} --help:\n{result.output}"
     assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_train_sh_writes_the_exported_weights_where_its_second_argument_says(tmp_path):
+    """weights/train.sh with every `python` replaced by a stub that logs its arguments: nothing goes to weights/."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> {log}\ncat > /dev/null\n')  # stdin: the heredoc
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    run_dir, weights = tmp_path / "run", tmp_path / "w"
+    proc = subprocess.run(["sh", str(ROOT / "weights" / "train.sh"), str(run_dir), str(weights)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split()[1] for c in calls[:5]] == ["training.phantoms", "training.teacher", "training.student",
+                                                 "training.export", "flare_infer"]  # fmt: skip
+    assert calls[3].split()[2:4] == [f"{run_dir}/student/best.pt", f"{weights}/student.onnx"]
+    assert f"--model {weights}/student.onnx" in calls[4]
+    sidecars = [f"{weights}/student.json", f"{weights}/student.fp16.json"]
+    assert calls[-1].split()[1:] == [f"{run_dir}/examples.csv", *sidecars]  # the examples/ scores go into both
+    assert "weights/student" not in log.read_text()

@@ -1,10 +1,14 @@
 #!/bin/sh
 # The recipe of the shipped weights/student.onnx: synthetic CTs, a CPU-sized network.
-#   sh weights/train.sh [RUN_DIR]          (default runs/shipped; about 95 min on 2 idle CPU cores with bf16)
+#   sh weights/train.sh [RUN_DIR [WEIGHTS_DIR]]   (about 95 min on 2 idle CPU cores with bf16)
+# RUN_DIR (default runs/shipped) holds the data, the teacher and the student; the exported student.onnx,
+# student.json, student.fp16.onnx and student.fp16.json go to WEIGHTS_DIR (default weights/, the shipped
+# files: give another folder to train without replacing them).
 # On FLARE22, replace the phantoms step by your data folders and use the paper's sizes
 # (README "Training"): --width 32 --spacing 1.5,1.5,2.5 --patch-size 256 and the default epochs.
 set -eu
 RUN=${1:-runs/shipped}
+WEIGHTS=${2:-weights}
 # Light augmentation: no flips or rotations (every CT is reoriented to LPS before the network, and a
 # left-right flip swaps the kidneys' and adrenals' sides), distortions at 0.1: a CPU's few thousand steps
 # learn the anatomy instead of the augmentations. --amp is bf16 on a CPU with AMX/AVX512-BF16 (about 2x
@@ -26,14 +30,14 @@ python -m training.teacher --data "$RUN/data/labelled" --out "$RUN/teacher" --ep
 python -m training.student --data "$RUN/data/labelled" --unlabelled "$RUN/data/unlabelled" \
     --teacher "$RUN/teacher/teacher.json" --validation "$RUN/data/validation" --out "$RUN/student" \
     --epochs 30 --val-every 6 --init-from-teacher --confidence-threshold 0.9 $COMMON
-python -m training.export "$RUN/student/best.pt" weights/student.onnx --fp16 --check-cases examples/inputs \
+python -m training.export "$RUN/student/best.pt" "$WEIGHTS/student.onnx" --fp16 --check-cases examples/inputs \
     --note "trained_on=SYNTHETIC phantoms only (python -m training.phantoms, 30 labelled + 12 unlabelled small cases, seed 1), never on FLARE22 or any patient CT: a demo of the pipeline and the container, not a model for clinical or challenge use" \
     --note "recipe=sh weights/train.sh (teacher: 5 folds x 12 epochs of 24 cases; student: 30 epochs from the best member, all unlabelled cases, --confidence-threshold 0.9, --oversample 0.5; width 16, 3x3x4 mm, bf16)" \
     --note "retrain=README 'Training': python -m training.teacher / training.student / training.export on FLARE22, then copy student.onnx + student.json here"
-python -m flare_infer predict examples/inputs "$RUN/examples-pred" --model weights/student.onnx --device cpu
+python -m flare_infer predict examples/inputs "$RUN/examples-pred" --model "$WEIGHTS/student.onnx" --device cpu
 python -m flare_infer.evaluate "$RUN/examples-pred" examples/labels --csv "$RUN/examples.csv"
 # The scores on examples/ go into both sidecars (what README command 1 prints).
-python - "$RUN/examples.csv" weights/student.json weights/student.fp16.json <<'PY'
+python - "$RUN/examples.csv" "$WEIGHTS/student.json" "$WEIGHTS/student.fp16.json" <<'PY'
 import csv, datetime, json, sys
 from pathlib import Path
 from flare_infer.labels import ORGANS
