@@ -12,12 +12,14 @@ Linear never holds a 14-class volume at the input's resolution, and interpolates
             where all 8 share one argmax, every convex combination of their probabilities keeps it, so
             the cell's label is the exact answer for every input voxel inside it, without arithmetic
     lookup  per input voxel, the cell below its continuous index (floor, per axis): three 1D lookups in
-            slabs of input slices (`geometry.lookup_block`), in threads
+            slabs of input slices (`geometry.lookup_block`), in threads; mixed cells' voxels are marked
     mixed   only voxels whose cell is MIXED. A class can win inside a cell only if its largest corner
             probability reaches a lower bound of the winner's (`winner_floor`: every interpolated probability,
             and every mean of two, lies between its corners' extremes); in most mixed cells two classes remain,
             and the sign of their difference, interpolated from 8 numbers, decides. Cells with three or more
-            candidates: all 14 probabilities, argmax. Corner values are gathered once per mixed cell.
+            candidates: all 14 probabilities, argmax. Mixed cells are processed in chunks, each cell with the
+            block of input voxels inside it (per axis the voxels whose floor is the cell: a Cartesian product),
+            so the interpolation is a few array operations per chunk, and the labels are written by index.
 The resampled grid outside the body's box is background with certainty (probability 1 for class 0): the labels
 are padded by one voxel of background around the box, the probabilities are not copied.
 """
@@ -42,7 +44,7 @@ from flare_infer.labels import NUM_CLASSES
 
 RESTORE_CHOICES = ("linear", "nearest")
 MIXED = 255  # a cell whose 8 corners disagree (labels are 0..13)
-_CELL_CHUNK = 1 << 14  # mixed cells per block of `mixed_cells`: (16384, 8, 14) float32 corners, 7 MB
+_CHUNK_VOXELS = 1 << 18  # input voxels (of mixed cells) per chunk: 1 MB float32 per array, 14 MB for all classes
 _SLAB = 4  # input slices per block: a 512 x 512 slab of cell labels is 1 MB, cache-sized
 _CORNERS = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]  # the order of (2, 2, 2) tables
 
@@ -56,13 +58,12 @@ class CellAxis:
 
 
 @dataclass(frozen=True)
-class MixedCells:
-    """The cells whose corners disagree: their candidate classes and corner values, one row per cell."""
+class CellVoxels:
+    """Along one axis of the padded box: for each cell, the input voxels inside it (at most `k`, padded)."""
 
-    ids: np.ndarray  # int32 on the cell array: the cell's row in the tables below; -1 where it is not mixed
-    pair: np.ndarray  # uint8 (M, 2): the two classes that can win in the cell (lower first), if only two can
-    diff: np.ndarray  # float32 (M, 2, 2, 2): p[pair 0] - p[pair 1] at the corners (numpy z, y, x offsets)
-    general: np.ndarray  # bool (M,): three or more classes can win: interpolate all of them
+    offset: np.ndarray  # int64 (cells, k): the voxel's index times its output stride (0 where not valid)
+    weight: np.ndarray  # float32 (cells, k): its upper-corner weight
+    valid: np.ndarray  # bool (cells, k)
 
 
 def check_method(method: str) -> None:
@@ -95,6 +96,24 @@ def cell_axis(vmap: VoxelMap, a: int, region: slice) -> CellAxis:
     hi = np.minimum(lo + 1, n - 1)
     in_region = inside & (lo >= region.start) & (hi < region.stop)  # elsewhere all 8 corners are background
     return CellAxis(cell=np.where(in_region, lo - region.start, -1), weight=(clamped - lo).astype(np.float32))
+
+
+def cell_voxels(ax: CellAxis, n_cells: int, out_stride: int) -> CellVoxels:
+    """The input voxels of each of `n_cells` cells along one axis (`ax.cell` is monotonic: they are contiguous)."""
+    index = np.flatnonzero(ax.cell >= 0)
+    cell = ax.cell[index]
+    counts = np.bincount(cell, minlength=n_cells)
+    k = max(1, int(counts.max(initial=0)))
+    order = np.argsort(cell, kind="stable")
+    index, cell = index[order], cell[order]
+    rank = np.arange(len(cell)) - (np.cumsum(counts) - counts)[cell]
+    offset, weight, valid = (
+        np.zeros((n_cells, k), np.int64),
+        np.zeros((n_cells, k), np.float32),
+        np.zeros((n_cells, k), bool),
+    )
+    offset[cell, rank], weight[cell, rank], valid[cell, rank] = index * out_stride, ax.weight[index], True
+    return CellVoxels(offset, weight, valid)
 
 
 def corner_values(probs_zyxc: np.ndarray, offset_zyx, cells_shape, where: np.ndarray) -> np.ndarray:
@@ -138,71 +157,53 @@ def winner_floor(corners: np.ndarray) -> np.ndarray:
     return np.maximum(low.max(axis=1), pair_mean.min(axis=1))
 
 
-def mixed_cells(cells: np.ndarray, probs_zyxc: np.ndarray, offset_zyx) -> MixedCells:
-    """Candidates and corner values of every MIXED cell of `cells` (the padded box; the box at `offset_zyx`)."""
-    where = np.flatnonzero(cells == MIXED)
-    pair = np.zeros((len(where), 2), np.uint8)
-    diff = np.zeros((len(where), 8), np.float32)
-    general = np.zeros(len(where), bool)
-    for start in range(0, len(where), _CELL_CHUNK):  # (chunk, 8, 14) float32 corners: a few MB at a time
-        rows = slice(start, start + _CELL_CHUNK)
-        corners = corner_values(probs_zyxc, offset_zyx, cells.shape, where[rows])
-        high = corners[:, 0].copy()
-        for i in range(1, corners.shape[1]):
-            np.maximum(high, corners[:, i], out=high)
-        candidate = high >= winner_floor(corners)[:, None]  # (chunk, 14); below the floor everywhere: cannot win
-        first = candidate.argmax(axis=1)
-        last = NUM_CLASSES - 1 - candidate[:, ::-1].argmax(axis=1)
-        n = np.arange(len(first))
-        pair[rows] = np.stack([first, last], axis=1)
-        diff[rows] = corners[n, :, first] - corners[n, :, last]
-        general[rows] = candidate.sum(axis=1) > 2
-    ids = np.full(cells.shape, -1, np.int32)
-    ids.flat[where] = np.arange(len(where), dtype=np.int32)
-    return MixedCells(ids, pair, diff.reshape(-1, 2, 2, 2), general)
+def candidates(corners: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per cell (corners (M, 8, 14)): the lowest and highest class that can win, and whether more than two can."""
+    high = corners[:, 0].copy()
+    for i in range(1, corners.shape[1]):
+        np.maximum(high, corners[:, i], out=high)
+    can_win = high >= winner_floor(corners)[:, None]  # (M, 14); below the floor everywhere: cannot win
+    first = can_win.argmax(axis=1)
+    last = NUM_CLASSES - 1 - can_win[:, ::-1].argmax(axis=1)
+    return first, last, can_win.sum(axis=1) > 2
 
 
-def interpolate_all(probs_zyxc, offset_zyx, cells_shape, cell_zyx, weight_zyx) -> np.ndarray:
-    """Argmax (uint8) of all 14 probabilities interpolated at voxels given by cell and weights (padded box axes)."""
-    box_shape = probs_zyxc.shape[:3]
-    flat = probs_zyxc.reshape(-1, NUM_CLASSES)
-    parts = []  # per axis: (box index of the lower corner, its weight), (... of the upper corner)
-    for c, w, n, o in zip(cell_zyx, weight_zyx, cells_shape, offset_zyx, strict=True):
-        parts.append(((c - o, 1.0 - w), (np.minimum(c + 1, n - 1) - o, w)))
-    acc = np.zeros((len(cell_zyx[0]), NUM_CLASSES), np.float32)  # (M, 14)
-    for z, w_z in parts[0]:
-        for y, w_y in parts[1]:
-            for x, w_x in parts[2]:
-                at = (z, y, x)
-                inside = np.ones(len(z), bool)
-                for c, n in zip(at, box_shape, strict=True):
-                    inside &= (c >= 0) & (c < n)
-                values = np.zeros((len(z), NUM_CLASSES), np.float32)
-                values[:, 0] = 1  # outside the box: background with certainty
-                if inside.any():
-                    index = np.ravel_multi_index([c[inside] for c in at], box_shape)
-                    values[inside] = flat.take(index, axis=0)
-                acc += (w_z * w_y * w_x)[:, None] * values
-    return acc.argmax(axis=1).astype(np.uint8)
+def trilinear(corners: np.ndarray, w_z: np.ndarray, w_y: np.ndarray, w_x: np.ndarray) -> np.ndarray:
+    """(M, kz, ky, kx, ...) values at each cell's voxels from its corners (M, 2, 2, 2, ...) (numpy z, y, x).
+
+    w_z (M, kz), w_y (M, ky), w_x (M, kx): the voxels' upper-corner weights along each axis; along x, then y, then z.
+    """
+    e = (None,) * (corners.ndim - 4)  # trailing axes (the classes), broadcast
+    c = corners
+    c = (
+        c[:, :, :, 0, None]
+        + w_x[(slice(None), None, None, slice(None), *e)] * (c[:, :, :, 1] - c[:, :, :, 0])[:, :, :, None]
+    )
+    c = c[:, :, 0, None] + w_y[(slice(None), None, slice(None), None, *e)] * (c[:, :, 1] - c[:, :, 0])[:, :, None]
+    return c[:, 0, None] + w_z[(slice(None), slice(None), None, None, *e)] * (c[:, 1] - c[:, 0])[:, None]
 
 
-def interpolate_mixed(mixed: MixedCells, probs_zyxc, offset_zyx, cell_zyx, weight_zyx) -> np.ndarray:
-    """Labels (uint8) of voxels in MIXED cells, given their cells and upper-corner weights per padded-box axis."""
-    row = mixed.ids[cell_zyx[0], cell_zyx[1], cell_zyx[2]]
-    general = mixed.general[row]
-    out = np.empty(len(row), np.uint8)
-    two = ~general
-    d = mixed.diff[row[two]]  # (M2, 2, 2, 2)
-    for k in (2, 1, 0):  # lerp along x, then y, then z
-        w = weight_zyx[k][two].reshape((-1,) + (1,) * k)
-        d = d[..., 0] + w * (d[..., 1] - d[..., 0])
-    pair = mixed.pair[row[two]]
-    out[two] = np.where(d >= 0, pair[:, 0], pair[:, 1])  # on a tie the lower class, as argmax
-    if general.any():
-        out[general] = interpolate_all(
-            probs_zyxc, offset_zyx, mixed.ids.shape, [c[general] for c in cell_zyx], [w[general] for w in weight_zyx]
-        )
-    return out
+def label_mixed_cells(cells_zyx, where, probs_zyxc, offset_zyx, voxels_zyx: list[CellVoxels], out_flat) -> None:
+    """Write the labels of every input voxel inside the mixed cells `where` (flat indices on the padded box).
+
+    The voxels of a cell are a (kz, ky, kx) block, the product of each axis's voxels (`cell_voxels`); padding
+    voxels (`valid` False) are computed and not written.
+    """
+    cz, cy, cx = np.unravel_index(where, cells_zyx.shape)
+    vz, vy, vx = voxels_zyx
+    w_z, w_y, w_x = vz.weight[cz], vy.weight[cy], vx.weight[cx]  # (M, kz), (M, ky), (M, kx)
+    flat = vz.offset[cz][:, :, None, None] + vy.offset[cy][:, None, :, None] + vx.offset[cx][:, None, None, :]
+    valid = vz.valid[cz][:, :, None, None] & vy.valid[cy][:, None, :, None] & vx.valid[cx][:, None, None, :]
+    corners = corner_values(probs_zyxc, offset_zyx, cells_zyx.shape, where)  # (M, 8, 14)
+    first, last, general = candidates(corners)
+    rows = np.arange(len(where))
+    diff = (corners[rows, :, first] - corners[rows, :, last]).reshape(-1, 2, 2, 2)  # (M, dz, dy, dx)
+    d = trilinear(diff, w_z, w_y, w_x)  # (M, kz, ky, kx)
+    labels = np.where(d >= 0, first[:, None, None, None], last[:, None, None, None]).astype(np.uint8)  # ties: lower
+    if general.any():  # three or more candidates: every class
+        c = trilinear(corners[general].reshape(-1, 2, 2, 2, NUM_CLASSES), w_z[general], w_y[general], w_x[general])
+        labels[general] = c.argmax(axis=-1)
+    out_flat[flat[valid]] = labels[valid]
 
 
 def probabilities_to_image_grid(
@@ -236,26 +237,27 @@ def probabilities_to_image_grid(
     labels = np.zeros([r.stop - r.start for r in region], np.uint8)  # an empty box pads to background voxels
     labels[tuple(slice(o, o + n) for o, n in zip(offset, labels_zyx.shape, strict=True))] = labels_zyx
     cells = cell_labels(labels)
-    mixed = mixed_cells(cells, probabilities_zyxc, offset)
     axes_xyz = [cell_axis(vmap, a, region[2 - vmap.axes[a]]) for a in range(3)]
-    idx_xyz = [ax.cell for ax in axes_xyz]
     out_zyx = np.empty([vmap.image_size_xyz[a] for a in (2, 1, 0)], np.uint8)
 
-    def block(z0: int) -> None:
-        z1 = min(z0 + _SLAB, out_zyx.shape[0])
-        slab = lookup_block(cells, vmap, idx_xyz, z0, z1)
-        flat = np.flatnonzero(slab == MIXED)
-        if len(flat):
-            coords_xyz = np.unravel_index(flat, slab.shape)[::-1]  # output (x, y, z) = input axes 0, 1, 2
-            coords_xyz = (coords_xyz[0], coords_xyz[1], coords_xyz[2] + z0)
-            cell, weight = [None] * 3, [None] * 3  # on the padded box's numpy axes (z, y, x)
-            for a, ax in enumerate(axes_xyz):
-                k = 2 - vmap.axes[a]
-                cell[k], weight[k] = ax.cell[coords_xyz[a]], ax.weight[coords_xyz[a]]
-            slab.flat[flat] = interpolate_mixed(mixed, probabilities_zyxc, offset, cell, weight)
-        out_zyx[z0:z1] = slab
+    def block(z0: int) -> None:  # every voxel's cell label (MIXED in mixed cells), a few slices at a time
+        out_zyx[z0 : z0 + _SLAB] = lookup_block(cells, vmap, [ax.cell for ax in axes_xyz], z0, z0 + _SLAB)
 
     in_threads(block, range(0, out_zyx.shape[0], _SLAB))
+    out_strides = (out_zyx.shape[1] * out_zyx.shape[2], out_zyx.shape[2], 1)  # numpy (z, y, x) = input axes 2, 1, 0
+    voxels = [None] * 3  # on the padded box's numpy axes
+    for a, ax in enumerate(axes_xyz):
+        k = 2 - vmap.axes[a]
+        voxels[k] = cell_voxels(ax, cells.shape[k], out_strides[2 - a])
+    where = np.flatnonzero(cells == MIXED)
+    per_cell = int(np.prod([v.weight.shape[1] for v in voxels]))
+    step = max(16, _CHUNK_VOXELS // per_cell)
+    out_flat = out_zyx.reshape(-1)
+
+    def chunk(start: int) -> None:  # cells are disjoint: chunks write disjoint voxels, in threads
+        label_mixed_cells(cells, where[start : start + step], probabilities_zyxc, offset, voxels, out_flat)
+
+    in_threads(chunk, range(0, len(where), step))
     check_implied_grid(vmap, grid, out_zyx, image, what="restored probabilities")
     out = sitk.GetImageFromArray(out_zyx)
     out.CopyInformation(image)
