@@ -238,7 +238,7 @@ def main() -> None:
     start = time.perf_counter()
     record = {
         "what": "FLARE22 DSC and NSD (flare_infer.evaluate) of a model on the examples and generated phantoms",
-        "command": "python benchmarks/shipped_scores.py " + shlex.join(sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/shipped_scores.py", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "settings": {
