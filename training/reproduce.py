@@ -597,7 +597,7 @@ def pseudo_label_quality(out: Path, s: Sizes) -> dict:
 
     from flare_infer.pipeline import label_on_prepared, prepare
     from flare_infer.spec import ModelSpec
-    from training.phantoms import WIDE_DOMAIN, generate_case
+    from training.phantoms import case_from_record
     from training.teacher import organ_dscs
 
     store = Path(json.loads((out / "students" / "all_unlabelled" / "pseudo.json").read_text())[0]["store"])
@@ -608,7 +608,7 @@ def pseudo_label_quality(out: Path, s: Sizes) -> dict:
         if case["split"] != "unlabelled":
             continue
         name = file.removesuffix(".nii.gz").removesuffix("_0000")
-        image, label = generate_case(case["seed"], WIDE_DOMAIN, case["size"])
+        image, label = case_from_record(case)  # the same patient and acquisition as the file
         on_disk = io.read_ct(out / "data" / "unlabelled" / file)
         if not np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(on_disk)):
             raise RuntimeError(f"{file}: regenerating seed {case['seed']} does not give the file on disk")
