@@ -311,9 +311,11 @@ def check_implied_grid(vmap: VoxelMap, grid: Grid, vol_zyx: np.ndarray, image: s
     """Raise `GridMismatchError` unless `vol_zyx` laid out by `vmap` on `grid` is exactly `image`'s grid.
 
     Size from the array, spacing, direction and origin from the map: derived independently of the image's header,
-    to 1e-6 (mm, or direction cosine; the round trip through the map costs about 1e-12).
+    to 1e-4 (mm, or direction cosine). The round trip through the map costs about 1e-12 on an orthonormal
+    direction, but NIfTI stores the direction in float32, and an oblique one read back is orthonormal only to
+    about 1e-7: seen as 1.7e-6 mm on a generated oblique case. A wrong map is off by a voxel fraction (>= 0.1 mm).
     """
-    diffs = Grid.of(image).differences(vmap.implied_grid(grid, vol_zyx.shape[::-1]), atol=1e-6)
+    diffs = Grid.of(image).differences(vmap.implied_grid(grid, vol_zyx.shape[::-1]), atol=1e-4)
     if diffs:
         raise GridMismatchError(f"{what} does not lie on the input's grid: " + "; ".join(diffs))
 
