@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -43,8 +44,8 @@ from test_data import tiny_case, write_tiny_dataset  # noqa: E402
 
 TAG_ENV = "FLARE_KILLSAFE_TAG"  # read by nothing but this test: marks every process a run starts
 GRACE_S = 5.0  # "no process of the run survives the kill by more than a few seconds"
-STUDENT = ["--epochs", "6", "--val-every", "2", "--width", "4", "--batch-size", "8", "--patch-size", "32",
-           "--workers", "1", "--device", "cpu", "--pseudo-batch-size", "8"]  # fmt: skip
+STUDENT = ["--epochs", "4", "--val-every", "2", "--lr", "1e-3", "--width", "4", "--batch-size", "8", "--patch-size",
+           "32", "--workers", "1", "--device", "cpu", "--pseudo-batch-size", "8"]  # fmt: skip
 TMP_NAME = re.compile(r"^\..+\.(\d+)(@[^/]+)?\.tmp(\.\w+)?$")
 
 
@@ -95,12 +96,30 @@ class Run:
         t0 = time.monotonic()
         while (left := self.processes()) and time.monotonic() - t0 < GRACE_S:
             time.sleep(0.1)
+        for line in left:  # a failing test must not leave them running for good either
+            os.kill(int(line.split()[0]), signal.SIGKILL)
         assert not left, f"{len(left)} processes of the run outlived the trainer by {GRACE_S} s: {left}"
         return time.monotonic() - t0
 
     def finish(self, timeout_s: float = 300) -> None:
         assert self.proc.wait(timeout_s) == 0, self.text()[-3000:]
         self.wait_helpers_gone()  # the forkserver and the resource tracker exit just after the trainer
+
+
+@pytest.fixture
+def start():
+    """start(args, log, **env) -> a Run; any still running at the end of the test is killed."""
+    runs: list[Run] = []
+
+    def start_run(args: list[str], log: Path, **env: str) -> Run:
+        runs.append(Run(args, log, **env))
+        return runs[-1]
+
+    yield start_run
+    for run in runs:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
 
 
 def _tmp_files(*roots: Path) -> list[Path]:
@@ -159,7 +178,7 @@ def _assert_in_step(out: Path, monitor: str = "val_dsc") -> None:
 
 # ----------------------------------------------------------------------------- the end-to-end test
 @pytest.mark.slow
-def test_three_sigkills_leave_nothing_behind_and_resume_to_the_uninterrupted_weights(tmp_path):
+def test_three_sigkills_leave_nothing_behind_and_resume_to_the_uninterrupted_weights(tmp_path, start):
     data, unlabelled = _write_data(tmp_path)
     teacher = _write_teacher(tmp_path / "teacher")
 
@@ -167,19 +186,18 @@ def test_three_sigkills_leave_nothing_behind_and_resume_to_the_uninterrupted_wei
         return ["--data", str(data), "--unlabelled", str(unlabelled), "--teacher", str(teacher),
                 "--out", str(tmp_path / name), "--cache", str(tmp_path / f"cache_{name}"), *STUDENT]  # fmt: skip
 
-    reference = Run(args("reference"), tmp_path / "reference.log")
-    reference.finish()
+    reference = start(args("reference"), tmp_path / "reference.log")  # alongside: it shares nothing with the others
 
     out, cache = tmp_path / "killed", tmp_path / "cache_killed"
     # 1. during pseudo-labelling: a label's temporary file written, not yet renamed
-    run = Run(args("killed"), tmp_path / "kill1.log", FLARE_TEST_PAUSE_AT="write:*.pseudo.npy")
+    run = start(args("killed"), tmp_path / "kill1.log", FLARE_TEST_PAUSE_AT="write:*.pseudo.npy")
     run.wait_for("FLARE_TEST_PAUSE_AT write:")
     stray = _tmp_files(cache)
     assert any(".pseudo.npy." in p.name for p in stray), stray
     run.kill()
 
     # 2. during best.pt's write at epoch 2 (its first validation: always an improvement), after last.pt's
-    run = Run([*args("killed"), "--resume"], tmp_path / "kill2.log", FLARE_TEST_PAUSE_AT="write:best.pt@2")
+    run = start([*args("killed"), "--resume"], tmp_path / "kill2.log", FLARE_TEST_PAUSE_AT="write:best.pt@2")
     run.wait_for("FLARE_TEST_PAUSE_AT write:best.pt")
     assert not any(p.exists() for p in stray), "the first kill's temporary files outlived the next start"
     assert not _dead_writers_files(out, cache)
@@ -188,8 +206,8 @@ def test_three_sigkills_leave_nothing_behind_and_resume_to_the_uninterrupted_wei
     assert _ckpt(out / "last.pt")["epoch"] == 1 and _ckpt(out / "best.pt")["epoch"] == 0  # out of step now
 
     # 3. at a random moment of the resumed run (seeded from the clock; the delay is in the failure message)
-    delay = random.Random().uniform(0.0, 3.0)
-    run = Run([*args("killed"), "--resume"], tmp_path / "kill3.log")
+    delay = random.Random().uniform(0.0, 2.0)
+    run = start([*args("killed"), "--resume"], tmp_path / "kill3.log")
     run.wait_for("resuming")
     time.sleep(delay)
     assert run.proc.poll() is None, f"finished within {delay:.2f} s of resuming: lengthen the run"
@@ -197,8 +215,9 @@ def test_three_sigkills_leave_nothing_behind_and_resume_to_the_uninterrupted_wei
     run.kill()
     assert "rewritten from last.pt" in run.text()  # best.pt repaired on that start
 
-    run = Run([*args("killed"), "--resume"], tmp_path / "final.log")
+    run = start([*args("killed"), "--resume"], tmp_path / "final.log")
     run.finish()
+    reference.finish()
     assert not _tmp_files(out, cache)
     _assert_in_step(out)
     _assert_in_step(tmp_path / "reference")
@@ -210,10 +229,10 @@ def test_three_sigkills_leave_nothing_behind_and_resume_to_the_uninterrupted_wei
 
 
 @pytest.mark.slow
-def test_the_early_stop_hook_leaves_no_helper_process(tmp_path):
+def test_the_early_stop_hook_leaves_no_helper_process(tmp_path, start):
     data, unlabelled = _write_data(tmp_path)
     teacher = _write_teacher(tmp_path / "teacher")
-    run = Run(["--data", str(data), "--unlabelled", str(unlabelled), "--teacher", str(teacher),
+    run = start(["--data", str(data), "--unlabelled", str(unlabelled), "--teacher", str(teacher),
                "--out", str(tmp_path / "out"), *STUDENT], tmp_path / "log", TRAINING_STOP_AFTER_EPOCH="1")  # fmt: skip
     assert run.proc.wait(300) == 137, run.text()[-3000:]
     run.wait_helpers_gone()
