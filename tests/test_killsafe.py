@@ -116,10 +116,13 @@ def start():
         return runs[-1]
 
     yield start_run
-    for run in runs:
+    for run in runs:  # a failed test: SIGKILL what is left, helpers included (they may be what failed)
         if run.proc.poll() is None:
             run.proc.kill()
             run.proc.wait()
+            time.sleep(0.5)
+            for line in run.processes():
+                os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 def _tmp_files(*roots: Path) -> list[Path]:
