@@ -114,3 +114,19 @@ def test_train_sh_writes_the_exported_weights_where_its_second_argument_says(tmp
     sidecars = [f"{weights}/student.json", f"{weights}/student.fp16.json"]
     assert calls[-1].split()[1:] == [f"{run_dir}/examples.csv", *sidecars]  # the examples/ scores go into both
     assert "weights/student" not in log.read_text()
+
+
+def test_phantoms_help_lists_the_size_and_layout_choices_and_refuses_others(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from training.phantoms import main
+
+    app = typer.Typer()
+    app.command()(main)
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    assert "small|full" in result.output and "flare22|examples" in result.output
+    refused = CliRunner().invoke(app, [str(tmp_path / "out"), "--size", "medium"])
+    assert refused.exit_code == 2 and "medium" in refused.output
+    assert not (tmp_path / "out").exists()

@@ -869,14 +869,24 @@ class AcquisitionMode(str, Enum):
     none = "none"  # clean scans
 
 
+class SizeChoice(str, Enum):  # --size: listed in --help, checked by click
+    small = "small"
+    full = "full"
+
+
+class LayoutChoice(str, Enum):  # --layout
+    flare22 = "flare22"
+    examples = "examples"
+
+
 def main(
     out_dir: Path,
     labelled: int = 50,
     unlabelled: int = 200,
     validation: int = 20,
     seed: int = 0,
-    size: str = "full",
-    layout: str = "flare22",
+    size: SizeChoice = SizeChoice.full,
+    layout: LayoutChoice = LayoutChoice.flare22,
     acquisition: AcquisitionMode = AcquisitionMode.default,
 ) -> None:
     """Generate a synthetic FLARE22-style set (layout flare22) or the bundled examples (layout examples).
@@ -886,9 +896,7 @@ def main(
     """
     import typer
 
-    if size not in ("small", "full") or layout not in ("flare22", "examples"):
-        raise typer.BadParameter(f"--size must be small or full and --layout flare22 or examples; "
-                                 f"found --size {size} --layout {layout}")
+    size, layout = SizeChoice(size).value, LayoutChoice(layout).value  # the enums or their strings
     t0 = time.perf_counter()
     if layout == "examples":
         paths = generate_examples(out_dir, seed=seed)
