@@ -5,8 +5,8 @@ and cuDNN as wheels under site-packages/nvidia/, where the dynamic loader does n
 `preload_dlls()` (since 1.21) loads them by path before a CUDA session is created: without it the CUDA
 provider fails to load (`libcublasLt.so.12: cannot open shared object file`) and onnxruntime falls back to
 the CPU. The session is meant to use it as follows (device "auto" asks for CUDA only where a driver is seen,
-so a container started without `--gpus` goes straight to the CPU, quietly and without loading 2 GB of CUDA
-libraries):
+so a container started without `--gpus` goes straight to the CPU, quietly and without loading the
+CUDA libraries):
 
     if device == "auto" and not nvidia_driver_visible():
         providers = ["CPUExecutionProvider"]     # and say: no NVIDIA GPU visible, running on the CPU

@@ -125,7 +125,7 @@ def _providers(device: str, available: list[str], cuda_arena_bytes: int | None =
     if device == "cpu" or not has_cuda:
         return ["CPUExecutionProvider"]
     if device == "auto" and not nvidia_driver_visible():
-        # A container started without --gpus: go straight to the CPU instead of loading 2 GB of CUDA
+        # A container started without --gpus: go straight to the CPU instead of loading the (large) CUDA
         # libraries only to watch onnxruntime fail to create the CUDA provider.
         return ["CPUExecutionProvider"]
     preload_cuda()  # pip-installed CUDA/cuDNN are not on the loader's path (flare_infer.cuda_setup)
