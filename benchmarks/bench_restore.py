@@ -155,7 +155,7 @@ def source_case(cases, slices: int) -> sitk.Image:
 
 def timing(model, image: sitk.Image, slices: int, repeats: int, workdir: Path) -> dict:
     ct_path = workdir / f"ct_{slices}.nii.gz"
-    sitk.WriteImage(ct_with_slices(image, slices), str(ct_path), useCompression=True)
+    sitk.WriteImage(sitk.Cast(ct_with_slices(image, slices), sitk.sitkInt16), str(ct_path), useCompression=True)
     runs = {m: [] for m in METHODS}
     for method in METHODS:  # warm-up (page cache, onnxruntime's first calls)
         predict_file(ct_path, workdir / "mask.nii.gz", model.predict, model.spec, batch_size=16, restore_method=method)
@@ -169,13 +169,17 @@ def timing(model, image: sitk.Image, slices: int, repeats: int, workdir: Path) -
             print(method, {k: round(v, 2) for k, v in result.seconds.items()}, flush=True)
     totals = {m: [sum(s.values()) for s in runs[m]] for m in METHODS}
     ratios = [lin / near for lin, near in zip(totals["linear"], totals["nearest"], strict=True)]
+    compute = {m: [s["preprocess"] + s["infer"] + s["restore"] for s in runs[m]] for m in METHODS}
+    compute_ratios = [lin / near for lin, near in zip(compute["linear"], compute["nearest"], strict=True)]
     return {
-        "ct": f"512 x 512 x {slices}, {image.GetSpacing()[0]:.2f} mm in-plane",
+        "ct": f"512 x 512 x {slices} int16, {image.GetSpacing()[0]:.2f} mm in-plane",
         "repeats": repeats,
         "median_seconds": {m: {k: statistics.median(s[k] for s in runs[m]) for k in runs[m][0]} for m in METHODS},
         "median_total": {m: statistics.median(totals[m]) for m in METHODS},
         "ratio_linear_over_nearest_per_pair": ratios,
         "ratio_median": statistics.median(ratios),
+        "ratio_without_read_write_per_pair": compute_ratios,
+        "ratio_without_read_write_median": statistics.median(compute_ratios),
         "runs": runs,
     }
 
@@ -195,8 +199,8 @@ print("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 def peak_rss(image: sitk.Image, slices: int, workdir: Path) -> dict:
     ct_path = workdir / f"ct_{slices}.nii.gz"
-    sitk.WriteImage(ct_with_slices(image, slices), str(ct_path), useCompression=True)
-    out = {"ct": f"512 x 512 x {slices}"}
+    sitk.WriteImage(sitk.Cast(ct_with_slices(image, slices), sitk.sitkInt16), str(ct_path), useCompression=True)
+    out = {"ct": f"512 x 512 x {slices}, int16"}
     for method in METHODS:
         code = RSS_CHILD.format(repo=str(REPO), model=str(MODEL), ct=str(ct_path), out=str(workdir / "m.nii.gz"),
                                 method=method)  # fmt: skip
@@ -209,6 +213,23 @@ def peak_rss(image: sitk.Image, slices: int, workdir: Path) -> dict:
     return out
 
 
+def machine(started) -> dict:
+    """Where and when a part ran, with the load around it (the 2 cores are shared: say so)."""
+    return {
+        "started": f"{started[0]:%Y-%m-%d %H:%M} UTC",
+        "platform": platform.machine(),
+        "cores_allowed": len(os.sched_getaffinity(0)),
+        "load_average_at_start": started[1],
+        "load_average_at_end": os.getloadavg(),
+        "note": "2 cores shared with a long training run and other engineers' jobs; run with nice -n 10",
+        "model": str(MODEL.relative_to(REPO)),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip(),
+        "command": " ".join(["python", *sys.argv]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=Path, default=None, help="a training.phantoms folder (validation/...)")
@@ -219,33 +240,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timing-slices", type=int, default=200)
     parser.add_argument("--rss-slices", type=int, default=600)
+    parser.add_argument("--source", type=Path, default=None, help="cache of the timing/RSS source CT (read if present)")
     args = parser.parse_args()
     from flare_infer.session import load_model
 
     model = load_model(MODEL, device="cpu")
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
-    now = datetime.datetime.now(datetime.timezone.utc)
-    result["machine"] = {
-        "date": f"{now:%Y-%m-%d %H:%M} UTC",
-        "platform": platform.machine(),
-        "cores_allowed": len(os.sched_getaffinity(0)),
-        "load_average_at_start": os.getloadavg(),
-        "note": "2 cores shared with a training run and other jobs; run with nice -n 10",
-        "model": str(MODEL.relative_to(REPO)),
-        "command": " ".join(["python", *sys.argv]),
-    }
+    result.pop("machine", None)  # each part records its own (parts run at different times)
     cases = lambda: load_cases(args.cases, args.n_cases, args.domain)  # noqa: E731
+
+    def source(slices: int) -> sitk.Image:
+        if args.source is not None and args.source.exists():
+            return sitk.ReadImage(str(args.source))
+        image = source_case(cases(), slices)
+        if args.source is not None:
+            sitk.WriteImage(image, str(args.source), useCompression=True)
+        return image
+
     with tempfile.TemporaryDirectory(prefix="bench_restore_") as tmp:
         for part in args.parts:
+            started = (datetime.datetime.now(datetime.timezone.utc), os.getloadavg())
             if part == "accuracy":
                 result["accuracy"] = accuracy(model, cases())
             elif part == "timing":
-                image = source_case(cases(), args.timing_slices)
+                image = source(args.timing_slices)
                 result["timing"] = timing(model, image, args.timing_slices, args.repeats, Path(tmp))
             elif part == "rss":
-                result["rss"] = peak_rss(source_case(cases(), args.rss_slices), args.rss_slices, Path(tmp))
+                result["rss"] = peak_rss(source(args.rss_slices), args.rss_slices, Path(tmp))
             else:
                 raise SystemExit(f"unknown part {part!r}: accuracy, timing, rss")
+            result[part]["machine"] = machine(started)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
             print(f"{part} written to {args.out}", flush=True)

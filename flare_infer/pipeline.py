@@ -2,9 +2,10 @@
 
     prepare:  image -> canonical orientation (DICOMOrient "LPS") -> linear resampling to the sidecar
               spacing -> find the body -> crop to its box -> normalise to [0, 1] (the sidecar's kind)
-    predict_volume: slice batches through any `predict_batch` callable -> labels + confidence
-    restore:  labels on the body box -> background elsewhere -> nearest neighbour onto the input's own
-              grid -> uint8, checked to have exactly the input's size, spacing, origin and direction
+    predict_volume: slice batches through any `predict_batch` callable -> labels (+ confidence, or + probabilities)
+    restore:  background outside the body box; linear (default): class probabilities interpolated onto the
+              input's own grid, argmax (flare_infer.restore); nearest: the nearest label -> uint8, checked
+              to have exactly the input's size, spacing, origin and direction
 
 Training builds its cache with `prepare` + `label_on_prepared` and makes pseudo-labels with
 `predict_volume`, so training and deployment share one preprocessing. From Python:
