@@ -35,8 +35,9 @@ def foreground_window(
     for case in cases:
         if case.label is None:
             raise DatasetError(f"{case.image}: the intensity window needs labelled cases; this one has no label")
-        hu = sitk.GetArrayViewFromImage(io.read_ct(case.image))
-        label = sitk.GetArrayViewFromImage(sitk.ReadImage(str(case.label)))
+        # copies, not views: a view of a temporary image reads freed memory once the image is collected
+        hu = sitk.GetArrayFromImage(io.read_ct(case.image))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
         if label.shape != hu.shape:
             raise DatasetError(f"{case.label}: label shape {label.shape} differs from its image's {hu.shape}")
         organ = hu[label > 0]
