@@ -170,7 +170,8 @@ def main() -> None:
     ap.add_argument("--full-cases", type=int, default=3, help="full-size generated cases (0: examples only)")
     ap.add_argument("--window", default=None, help="LO,HI HU for the model-free ct_window check "
                     "(default: the model's own window if its sidecar is ct_window)")
-    ap.add_argument("--skip-segmentation", action="store_true")
+    ap.add_argument("--skip-segmentation", action="store_true", help="only the model-free normalisation part")
+    ap.add_argument("--skip-normalisation", action="store_true", help="only the model's segmentation part")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args()
     spec = ModelSpec.from_dict(json.loads(Path(args.model).with_suffix(".json").read_text()))
@@ -189,9 +190,10 @@ def main() -> None:
         "model": str(Path(args.model).relative_to(REPO) if Path(args.model).is_relative_to(REPO) else args.model),
         "model_normalization": spec.normalization.to_dict(),
         "restore": "linear (the default)",
-        "window_hu_for_model_free_check": list(window),
-        "normalisation": normalisation(args, sets, window, spec.spacing_xyz_mm),
     }
+    if not args.skip_normalisation:
+        record["window_hu_for_model_free_check"] = list(window)
+        record["normalisation"] = normalisation(args, sets, window, spec.spacing_xyz_mm)
     if not args.skip_segmentation:
         record["segmentation"] = segmentation(args, sets)
     record["seconds"] = round(time.perf_counter() - t, 1)
