@@ -4,9 +4,9 @@
 
 Runs `python -m flare_infer predict examples/inputs OUT --model weights/student.onnx` (what `sh predict.sh`
 runs, with the CLI's defaults), scores OUT against examples/labels with `flare_infer.evaluate`, and holds the
-numbers the README's Results section states for the shipped weights: the mean DSC, and every organ's DSC
-(mean over the examples) at or above the stated floor. The numbers are read from README.md, so a retrained
-model that changes them needs the README changed with it.
+numbers the README's Results section states for the shipped weights on `examples/`: the mean DSC, and every
+organ's DSC (mean over the examples) at or above the lowest organ's stated value. The numbers are read from
+README.md, so a change of model or pipeline that lowers them needs the README changed with it.
 """
 
 from __future__ import annotations
@@ -26,24 +26,24 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MODEL = REPO / "weights" / "student.onnx"
 INPUTS, LABELS = REPO / "examples" / "inputs", REPO / "examples" / "labels"
-RESULTS_BULLET = "**The shipped weights on `examples/`**"
-# The README rounds the mean to 3 decimals; ONNX Runtime's float sums may differ in the last bits between
-# machines and thread counts, which can flip a few boundary voxels: 0.002 is far below what a real regression
-# (a misregistered mask, a wrong normalisation) costs.
-MEAN_TOLERANCE = 0.002
+RESULTS_BULLET = "on **`examples/`**:"  # the shipped-weights item of the README's Results section
+# The README rounds to 3 decimals; ONNX Runtime's float sums may differ in the last bits between machines and
+# thread counts, which can flip a few boundary voxels: 0.002 is far below what a real regression (a 3 mm
+# misregistration costs 0.14 of mean DSC) costs.
+TOLERANCE = 0.002
 
 pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason=f"no shipped weights at {MODEL}")
 
 
 def readme_numbers() -> tuple[float, float]:
-    """(mean DSC, per-organ DSC floor) from the README's Results bullet on the shipped weights."""
+    """(mean DSC, lowest organ's DSC) that the README's Results section states for the shipped weights on examples/."""
     text = README.read_text()
-    assert RESULTS_BULLET in text, f"README.md has no {RESULTS_BULLET} bullet to take the numbers from"
-    bullet = text.split(RESULTS_BULLET, 1)[1].split("\n- ", 1)[0]
-    mean = re.search(r"mean DSC (\d\.\d+)", bullet)
-    floor = re.search(r"every organ at DSC >= (\d\.\d+)", bullet)
-    assert mean and floor, f"the README's bullet states no 'mean DSC X' or no 'every organ at DSC >= Y':\n{bullet}"
-    return float(mean.group(1)), float(floor.group(1))
+    assert RESULTS_BULLET in text, f"README.md has no '{RESULTS_BULLET}' item to take the numbers from"
+    item = text.split(RESULTS_BULLET, 1)[1].split("\n\n", 1)[0]
+    mean = re.search(r"mean DSC (\d\.\d+)", item)
+    lowest = re.search(r"the \w+ lowest \((\d\.\d+)\)", item)
+    assert mean and lowest, f"the README's item states no 'mean DSC X' or no 'the ORGAN lowest (Y)':\n{item}"
+    return float(mean.group(1)), float(lowest.group(1))
 
 
 def test_shipped_weights_hold_the_readme_numbers_on_the_examples(tmp_path):
@@ -56,6 +56,6 @@ def test_shipped_weights_hold_the_readme_numbers_on_the_examples(tmp_path):
     assert not result.errors and not result.missing and len(result.cases) == 2, result
     dsc = np.array([[case.dsc[o.short] for o in ORGANS] for case in result.cases])  # (cases, organs)
     per_organ = dict(zip((o.short for o in ORGANS), dsc.mean(0).round(3).tolist(), strict=True))
-    assert dsc.mean() >= stated_mean - MEAN_TOLERANCE, f"mean DSC {dsc.mean():.4f}, README: {stated_mean}; {per_organ}"
-    below = {name: value for name, value in per_organ.items() if value < organ_floor}
-    assert not below, f"organs under the README's floor {organ_floor}: {below}"
+    assert dsc.mean() >= stated_mean - TOLERANCE, f"mean DSC {dsc.mean():.4f}, README: {stated_mean}; {per_organ}"
+    below = {name: value for name, value in per_organ.items() if value < organ_floor - TOLERANCE}
+    assert not below, f"organs under the README's lowest organ DSC {organ_floor}: {below}"
