@@ -165,9 +165,10 @@ def test_three_cases_train_two_folds_whose_log_names_each_fold_and_both_form_the
     teacher = json.loads((out / "teacher.json").read_text())
     assert sorted(m["fold"] for m in teacher["members"]) == [0, 1]  # teacher size 3 > 2 folds: every fold
     lines = proc.stdout.splitlines()
-    heads = [i for i, line in enumerate(lines) if line.startswith("fold_")]
+    heads = [i for i, line in enumerate(lines) if line.startswith("fold_") and "training cases" in line]
     assert [lines[i].split(":")[0] for i in heads] == ["fold_0", "fold_1"]
-    assert lines[heads[0] + 1].startswith("epoch 1") and lines[heads[1] + 1].startswith("epoch 1")
+    # every epoch line names its fold too
+    assert lines[heads[0] + 1].startswith("fold_0: epoch 1") and lines[heads[1] + 1].startswith("fold_1: epoch 1")
 
 
 @pytest.mark.slow

@@ -275,7 +275,8 @@ def fit(
             history.append(row)
             best = _end_epoch(run_dir, model, optimizer, scheduler, scaler, epoch, history, best, meta, cfg, rt)
             if rt.is_main:
-                progress.console.print(", ".join(_fmt(k, v) for k, v in row.items()))
+                # the run folder names the fold (fold_K) or the student round: every epoch line says which
+                progress.console.print(f"{run_dir.name}: " + ", ".join(_fmt(k, v) for k, v in row.items()))
             barrier(rt)
             if os.environ.get(STOP_ENV) == str(epoch + 1):
                 os._exit(KILLED_EXIT)  # test hook: die like a kill, right after this epoch's checkpoint
