@@ -1,6 +1,9 @@
 #!/bin/sh
 # The recipe of the shipped weights/student.onnx: synthetic CTs, a CPU-sized network.
-#   sh weights/train.sh [RUN_DIR [WEIGHTS_DIR]]   (about 95 min on 2 idle CPU cores with bf16)
+#   sh weights/train.sh [RUN_DIR [WEIGHTS_DIR]]
+# Time: about 95 min on 2 idle CPU cores with native bf16 (2026-11-29; not reproduced by a committed file);
+# several hours on CPUs without bf16. Every step resumes: run the same command again after an interruption
+# (a kill, a session's end) and it continues where it stopped (docs/TRAINING.md, "Kills and resume").
 # RUN_DIR (default runs/shipped) holds the data, the teacher and the student; the exported student.onnx,
 # student.json, student.fp16.onnx and student.fp16.json go to WEIGHTS_DIR (default weights/, the shipped
 # files: give another folder to train without replacing them).
@@ -19,20 +22,23 @@ COMMON="--width 16 --depth 5 --patch-size 128 --batch-size 16 --lr 1e-3 --p-flip
 
 # 30 labelled phantoms: the generator fills the esophagus' lumen with air in 40% of cases, and seed 1's first 10
 # held one such case; trained on those 10, the model left the air and half the wall out (DSC 0.47 on Ex_0001).
-python -m training.phantoms "$RUN/data" --labelled 30 --unlabelled 12 --validation 4 --seed 1 --size small
-# Phase one: five folds, the best three form the teacher (teacher.json).
+# With acquisition variation (the generator's default): field of view, FOV-circle padding, table, kernel, z-coverage.
+[ -f "$RUN/data/dataset.json" ] ||
+    python -m training.phantoms "$RUN/data" --labelled 30 --unlabelled 12 --validation 4 --seed 1 --size small
+# Phase one: five folds, the best three form the teacher (teacher.json); ct_window normalisation (the default):
+# the window comes from the labelled organ voxels (RUN/teacher/normalization.json) and travels in every sidecar.
 python -m training.teacher --data "$RUN/data/labelled" --out "$RUN/teacher" --epochs 12 --spacing 3,3,4 \
-    --val-every 4 $COMMON
+    --val-every 4 --resume $COMMON
 # Phase two: every unlabelled case pseudo-labelled, Eq. 2, started from the best teacher member.
 # Confidence filtering (beyond the paper): Eq. 2 only counts voxels the teacher gives >= 0.9; without it a
 # weak teacher's unsure labels are learned too (the first shipped student learned a pancreas blob covering
 # half of each wide-domain CT that its teacher had labelled at a mean confidence under 0.55).
 python -m training.student --data "$RUN/data/labelled" --unlabelled "$RUN/data/unlabelled" \
     --teacher "$RUN/teacher/teacher.json" --validation "$RUN/data/validation" --out "$RUN/student" \
-    --epochs 30 --val-every 6 --init-from-teacher --confidence-threshold 0.9 $COMMON
+    --epochs 30 --val-every 6 --init-from-teacher --confidence-threshold 0.9 --resume $COMMON
 python -m training.export "$RUN/student/best.pt" "$WEIGHTS/student.onnx" --fp16 --check-cases examples/inputs \
-    --note "trained_on=SYNTHETIC phantoms only (python -m training.phantoms, 30 labelled + 12 unlabelled small cases, seed 1), never on FLARE22 or any patient CT: a demo of the pipeline and the container, not a model for clinical or challenge use" \
-    --note "recipe=sh weights/train.sh (teacher: 5 folds x 12 epochs of 24 cases; student: 30 epochs from the best member, all unlabelled cases, --confidence-threshold 0.9, --oversample 0.5; width 16, 3x3x4 mm, bf16)" \
+    --note "trained_on=SYNTHETIC phantoms only (python -m training.phantoms, 30 labelled + 12 unlabelled small cases, seed 1, with acquisition variation), never on FLARE22 or any patient CT: a demo of the pipeline and the container, not a model for clinical or challenge use" \
+    --note "recipe=sh weights/train.sh (teacher: 5 folds x 12 epochs of 24 cases; student: 30 epochs from the best member, all unlabelled cases, --confidence-threshold 0.9, --oversample 0.5; width 16, 3x3x4 mm, ct_window normalisation inside the body box)" \
     --note "retrain=README 'Training': python -m training.teacher / training.student / training.export on FLARE22, then copy student.onnx + student.json here"
 python -m flare_infer predict examples/inputs "$RUN/examples-pred" --model "$WEIGHTS/student.onnx" --device cpu
 python -m flare_infer.evaluate "$RUN/examples-pred" examples/labels --csv "$RUN/examples.csv"
