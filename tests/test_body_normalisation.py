@@ -286,3 +286,14 @@ def test_the_body_box_holds_every_organ_voxel_of_a_full_size_scan_with_table_and
                 and a.table is not None)  # fmt: skip
     image, label = generate_case(seed, LABELLED_DOMAIN, "full", geometry="lps", acquisition=LABELLED_ACQUISITION)
     _every_organ_voxel_in_the_box(image, label, spacing=(1.5, 1.5, 2.5))
+
+
+def test_in_plane_holes_are_those_binary_fill_holes_fills_slice_by_slice():
+    from scipy import ndimage
+
+    from flare_infer.preprocess import _holes_in_plane
+
+    mask = ndimage.binary_opening(np.random.default_rng(0).random((20, 60, 70)) > 0.45)
+    expected = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+    assert (expected & ~mask).any()  # there are holes to fill
+    np.testing.assert_array_equal(mask | _holes_in_plane(mask), expected)
