@@ -2,6 +2,7 @@
 
     python benchmarks/bench_invariance.py --out docs/results/invariance.json          # shipped weights
     python benchmarks/bench_invariance.py --model M.onnx --full-cases 3 --out R.json
+    python benchmarks/bench_invariance.py --summarise R1.json R2.json      # the docs' table
 
 Each case is changed in one acquisition property at a time, and in two at once (widened + padded),
 with `training.acquisition`'s perturbations, which keep every existing voxel where it was in space:
@@ -164,16 +165,37 @@ def normalisation(args, sets, window_hu, spacing) -> dict:
     return out
 
 
+def summary_table(paths: list[Path]) -> str:
+    """Markdown: mean DSC per change (and its change from 'none') per result file and set, for docs/."""
+    records = [(p, json.loads(p.read_text())) for p in paths]
+    columns = [(p, r, group) for p, r in records for group in r.get("segmentation", {})]
+    head = "| change | " + " | ".join(f"{p.stem} {g}" for p, _, g in columns) + " |"
+    lines = [head, "|---" * (len(columns) + 1) + "|"]
+    for change in next(iter(columns))[1]["segmentation"][columns[0][2]]:
+        cells = []
+        for _, r, g in columns:
+            row = r["segmentation"][g].get(change)
+            cells.append("" if row is None else f"{row['mean_dsc']:.3f} ({row['change']:+.3f})")
+        lines.append(f"| {change} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--summarise", nargs="+", type=Path, help="print the docs' table of these result files, then exit")
     ap.add_argument("--model", default=str(REPO / "weights" / "student.onnx"))
     ap.add_argument("--full-cases", type=int, default=3, help="full-size generated cases (0: examples only)")
     ap.add_argument("--window", default=None, help="LO,HI HU for the model-free ct_window check "
                     "(default: the model's own window if its sidecar is ct_window)")
     ap.add_argument("--skip-segmentation", action="store_true", help="only the model-free normalisation part")
     ap.add_argument("--skip-normalisation", action="store_true", help="only the model's segmentation part")
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.summarise:
+        print(summary_table(args.summarise))
+        return
+    if args.out is None:
+        ap.error("--out is required")
     spec = ModelSpec.from_dict(json.loads(Path(args.model).with_suffix(".json").read_text()))
     if args.window:
         window = tuple(float(v) for v in args.window.split(","))
