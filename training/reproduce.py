@@ -194,6 +194,7 @@ def train_single_unet(data: Path, out: Path, cache: Path, s: Sizes, device: str)
     rt = setup_runtime(device)
     try:
         labelled = discover_labelled(data / "labelled")
+        out.mkdir(parents=True, exist_ok=True)
         cfg = resolve_window(cfg, labelled, out, rt)  # the same cases and seed as the teacher's: the same window
         cached = {c.name: c for c in build_cache(labelled, cfg.spec(), cache, s.workers)}
         names = sorted(cached)
