@@ -19,16 +19,8 @@ team=$(basename -- "$tarball" .tar.gz)
 [ -f "$tarball" ] || { echo "check_submission.sh: $tarball: no such file" >&2; exit 2; }
 [ -d "$cases_dir" ] || { echo "check_submission.sh: $cases_dir: no such folder" >&2; exit 2; }
 
-if [ -n "${FLARE_ENGINE:-}" ]; then
-  engine=$FLARE_ENGINE
-elif docker info >/dev/null 2>&1; then
-  engine=docker
-elif command -v podman >/dev/null 2>&1; then
-  engine=podman
-else
-  echo "check_submission.sh: no container engine: no docker daemon answers and podman is not installed" >&2
-  exit 2
-fi
+. "$(dirname -- "$0")/engine.sh"
+pick_engine check_submission.sh
 gpus=${FLARE_GPUS:+--gpus=$FLARE_GPUS}
 
 # The organisers' first step. Word splitting of $engine, $gpus and FLARE_RUN_ARGS is wanted throughout.

@@ -21,16 +21,8 @@ case $team in
     exit 2 ;;
 esac
 
-if [ -n "${FLARE_ENGINE:-}" ]; then
-  engine=$FLARE_ENGINE
-elif docker info >/dev/null 2>&1; then
-  engine=docker
-elif command -v podman >/dev/null 2>&1; then
-  engine=podman
-else
-  echo "submit.sh: no container engine: no docker daemon answers and podman is not installed" >&2
-  exit 2
-fi
+. "$(dirname -- "$0")/engine.sh"
+pick_engine submit.sh
 case $engine in
   podman*) ref=docker.io/library/$team:latest ;;
   *) ref=$team:latest ;;
