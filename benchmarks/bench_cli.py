@@ -21,10 +21,8 @@ each child (user + system) are recorded too: on a shared machine they move less 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -40,6 +38,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(Path(__file__).resolve().parent)]
 from bench_pipeline import generate_ct  # noqa: E402
+from machine import machine_record  # noqa: E402
 from onnx_standin import make_standin_model  # noqa: E402
 
 FLOOR = """
@@ -156,17 +155,10 @@ def main() -> int:
         if args.cases > 1:
             result["read_ahead"] = many_cases(work, model, args.cases, max(1, args.repeats // 2))
     result["settings"] = {"slices": args.slices, "repeats": args.repeats, "model": "tests/onnx_standin.py stand-in"}
-    result["machine"] = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "cpu": platform.processor() or platform.machine(),
-        "cores_allowed": len(os.sched_getaffinity(0)),
-        "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "simpleitk": sitk.Version.VersionString(),
-        "python": platform.python_version(),
-        "commit": subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),  # fmt: skip
-    }
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    result["machine"] = machine_record(
+        load_before, simpleitk=sitk.Version.VersionString(), commit=commit.stdout.strip()
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     m = result["single_case"]["median"]

@@ -20,7 +20,6 @@ in-process numbers; goal: 2 s wall. Raw results: `--out` (JSON).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -57,6 +56,11 @@ ORGAN_SHAPES = {
     12: ((0.48, 0.45, 0.42), (45, 12, 25)),  # duodenum
     13: ((0.68, 0.64, 0.45), (28, 30, 50)),  # left kidney
 }
+
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_record  # noqa: E402
 
 
 def phantom_labels(shape_xyz: tuple[int, int, int], spacing_xyz=SPACING_XYZ) -> np.ndarray:
@@ -211,13 +215,7 @@ def main() -> int:
             "rounded_numbers_identical": not mismatches,
             "scores": {o.short: [ours.dsc[o.short], ours.nsd[o.short]] for o in ORGANS},
             "cli": {"runs": cli, "csv_equals_in_process": cli_same, "goal_wall_s": 2.0},
-            "machine": {
-                "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                "cpu": platform.processor() or platform.machine(),
-                "cores_allowed": len(os.sched_getaffinity(0)),
-                "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-                "python": platform.python_version(),
-            },
+            "machine": machine_record(load_before),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")

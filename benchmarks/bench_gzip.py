@@ -22,11 +22,9 @@ Needs `pip install isal zlib-ng` (not project dependencies); a variant whose lib
 from __future__ import annotations
 
 import argparse
-import datetime
 import gzip
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +36,7 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import generate_ct  # noqa: E402
+from machine import machine_record  # noqa: E402
 
 RAM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
@@ -167,14 +166,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_gzip_") as tmp:
         result = run(args.slices, args.repeats, Path(tmp))
     result["settings"] = {"slices": args.slices, "repeats": args.repeats, "ram_dir": str(RAM)}
-    result["machine"] = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "cpu": platform.processor() or platform.machine(),
-        "cores_allowed": len(os.sched_getaffinity(0)),
-        "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "simpleitk": sitk.Version.VersionString(),
-        "python": platform.python_version(),
-    }
+    result["machine"] = machine_record(load_before, simpleitk=sitk.Version.VersionString())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for kind in ("read", "write"):

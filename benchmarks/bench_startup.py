@@ -13,10 +13,8 @@ there also counts the time other processes held the cores.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,6 +23,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_record  # noqa: E402
+
 TYPER_PARSE = """
 import typer
 app = typer.Typer()
@@ -87,13 +88,7 @@ def main() -> int:
         "raw": raw,
         "median": median,
         "cpu_s_over_numpy_simpleitk": extra,
-        "machine": {
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "cpu": platform.processor() or platform.machine(),
-            "cores_allowed": len(os.sched_getaffinity(0)),
-            "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-            "python": platform.python_version(),
-        },
+        "machine": machine_record(load_before),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
