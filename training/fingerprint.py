@@ -20,6 +20,7 @@ import typer
 
 from flare_infer import io
 from flare_infer.spec import Normalization
+from training.cli import typer_app
 from training.data import CaseFiles, DatasetError, discover_labelled
 
 PERCENTILES = (0.5, 99.5)
@@ -74,7 +75,7 @@ def load_or_compute_window(path: Path, cases: list[CaseFiles], *, seed: int = 0)
     return norm
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer_app()
 
 
 @app.command()
