@@ -132,7 +132,8 @@ def run_cases(
             if i + 1 < len(cases):
                 ahead.schedule(cases[i + 1])
             failed += not _run_case(path, output_dir, model, predict_file, totals, batch_size=batch_size,
-                                    postprocess=postprocess, preview=preview, restore=restore)  # fmt: skip
+                                    postprocess=postprocess, preview=preview, restore=restore,
+                                    read=ahead.read)  # fmt: skip
     done = len(cases) - failed
     log.info("%d of %d cases written, %d failed; seconds per stage over all cases: %s", done, len(cases), failed,
              " ".join(f"{s} {totals[s]:.1f}" for s in STAGES))  # fmt: skip
@@ -140,13 +141,14 @@ def run_cases(
 
 
 def _run_case(path: Path, output_dir: Path, model, predict_file, totals: dict, *, batch_size: int, postprocess: str,
-              preview: bool, restore: str) -> bool:  # fmt: skip
+              preview: bool, restore: str, read=io.read_ct) -> bool:  # fmt: skip
     """One case, logged; False (and an `ERROR <file name>: <reason>` line) if it failed."""
     out_path = output_dir / io.output_name(path)
     try:
         result = predict_file(
             path, out_path, model.predict, model.spec,
             batch_size=batch_size, postprocess=postprocess, fixed_batch=model.fixed_batch, restore_method=restore,
+            read=read,
         )  # fmt: skip
     except Exception as e:  # one bad case never stops the others; the reason is logged with its name
         reason = str(e) if isinstance(e, io.InputError) else f"{type(e).__name__}: {e}"

@@ -74,18 +74,7 @@ def check_header(reader: sitk.ImageFileReader) -> None:
 
 
 def read_ct(path: str | Path) -> sitk.Image:
-    """Read a CT after checking its header; raise `InputError` for anything the pipeline cannot use.
-
-    If a `ReadAhead` has this file scheduled, its background read is taken (waited for) instead of a
-    second read, and what that read raised is raised here.
-    """
-    scheduled = ReadAhead.take(path)
-    if scheduled is not None:
-        return scheduled.result()
-    return _read_ct_now(path)
-
-
-def _read_ct_now(path: str | Path) -> sitk.Image:
+    """Read a CT after checking its header; raise `InputError` for anything the pipeline cannot use."""
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found")
@@ -171,56 +160,49 @@ def check_finite(image: sitk.Image) -> None:
 
 
 class ReadAhead:
-    """Reads scheduled cases in one background thread; `read_ct` of a scheduled file takes its result.
+    """Reads scheduled cases in one background thread; `read` of a scheduled file takes its result.
 
         with io.ReadAhead() as ahead:
             ahead.schedule(cases[0])            # read while onnxruntime starts
             for i, path in enumerate(cases):
                 if i + 1 < len(cases):
                     ahead.schedule(cases[i + 1])  # read while this case is on the network
-                predict_file(path, ...)          # its io.read_ct(path) waits for the scheduled read
+                predict_file(path, ..., read=ahead.read)  # waits for the scheduled read
 
     ITK releases the GIL while it decompresses and parses, so the read overlaps the network (on a GPU,
     the CPU is mostly idle meanwhile) and onnxruntime's start. One case more is held in memory. A file
-    that cannot be read raises its `InputError` in the `read_ct` call of that case, not earlier; reads
+    that cannot be read raises its `InputError` in the `read` call of that case, not earlier; reads
     never taken are dropped on exit (nothing is written by a read).
     """
 
-    _lock = threading.Lock()
-    _scheduled: dict[str, Future] = {}  # absolute path -> the read of that file, across instances
-
     def __init__(self, enabled: bool = True) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
-        self._mine: set[str] = set()
-        self.enabled = enabled  # False: `schedule` does nothing (every read happens in `read_ct`)
-
-    @staticmethod
-    def _key(path: str | Path) -> str:
-        return os.path.abspath(path)
+        self._scheduled: dict[str, Future] = {}  # absolute path -> the read of that file
+        self._lock = threading.Lock()
+        self.enabled = enabled  # False: `schedule` does nothing (every read happens in `read`)
 
     def schedule(self, path: str | Path) -> None:
         if not self.enabled:
             return
-        key = self._key(path)
+        key = os.path.abspath(path)
         with self._lock:
             if key not in self._scheduled:
-                self._scheduled[key] = self._pool.submit(_read_ct_now, path)
-                self._mine.add(key)
+                self._scheduled[key] = self._pool.submit(read_ct, path)
 
-    @classmethod
-    def take(cls, path: str | Path) -> Future | None:
-        with cls._lock:
-            return cls._scheduled.pop(cls._key(path), None)
+    def read(self, path: str | Path) -> sitk.Image:
+        """`read_ct(path)`: the scheduled background read's result (or error) if there is one, else read now."""
+        with self._lock:
+            scheduled = self._scheduled.pop(os.path.abspath(path), None)
+        return scheduled.result() if scheduled is not None else read_ct(path)
 
     def __enter__(self) -> ReadAhead:
         return self
 
     def __exit__(self, *exc) -> None:
         with self._lock:
-            for key in self._mine:
-                future = self._scheduled.pop(key, None)
-                if future is not None:
-                    future.cancel()
+            for future in self._scheduled.values():
+                future.cancel()
+            self._scheduled.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

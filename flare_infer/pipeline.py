@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,11 +227,15 @@ def predict_file(
     postprocess: str = "none",
     fixed_batch: bool = False,
     restore_method: str = "linear",
+    read: Callable[[Path], sitk.Image] = io.read_ct,
 ) -> CaseResult:
-    """Read, prepare, infer, restore, write atomically; the stage times are what the CLI logs."""
+    """Read, prepare, infer, restore, write atomically; the stage times are what the CLI logs.
+
+    `read` is `io.read_ct` or a `io.ReadAhead`'s `read` (the file read in the background beforehand).
+    """
     result = CaseResult()
     t = time.perf_counter()
-    image = io.read_ct(input_path)
+    image = read(input_path)
     t = result.timed("read", t)
     prepared = prepare(image, spec)
     for note in prepared.notes:  # one line each, naming the file: the case still goes on

@@ -165,19 +165,19 @@ def test_read_ahead_reads_in_the_background_and_raises_a_bad_file_for_that_file(
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16)), str(good))
     bad.write_bytes(b"")
     threads = {}
-    real_read = io._read_ct_now
+    real_read = io.read_ct
 
     def recording_read(path):
         threads[Path(path).name] = threading.current_thread().name
         return real_read(path)
 
-    monkeypatch.setattr(io, "_read_ct_now", recording_read)
+    monkeypatch.setattr(io, "read_ct", recording_read)
     with io.ReadAhead() as ahead:
         ahead.schedule(bad)
         ahead.schedule(good)
         with pytest.raises(io.InputError, match="empty file"):
-            io.read_ct(bad)
-        assert io.read_ct(good).GetSize() == (8, 8, 4)
+            ahead.read(bad)
+        assert ahead.read(good).GetSize() == (8, 8, 4)
     assert set(threads.values()) == {threads["good.nii.gz"]} and threads["good.nii.gz"].startswith("read-ahead")
-    io.read_ct(good)  # nothing scheduled any more: read here
+    ahead.read(good)  # nothing scheduled any more: read here
     assert threads["good.nii.gz"] == threading.current_thread().name
