@@ -42,13 +42,9 @@ class Body:
     padding_hu: float | None  # the value found outside the field-of-view circle, if any
     notes: tuple[str, ...] = ()  # what a user should hear about (no body found, not HU, ...): one log line each
 
-    @property
-    def empty(self) -> bool:
-        return any(s.stop <= s.start for s in self.box_zyx)
-
 
 def find_body(vol_hu_zyx: np.ndarray, spacing_xyz: tuple[float, float, float]) -> Body:
-    """The body in a resampled HU volume; `vol_hu_zyx` is not modified (see `air_outside_body`)."""
+    """The body in a resampled HU volume; `vol_hu_zyx` is not modified (`normalise` makes outside it air)."""
     from scipy import ndimage  # lazy: scipy's import is a noticeable share of a small case
 
     notes = list(_hu_notes(vol_hu_zyx))
@@ -78,11 +74,17 @@ def _holes_in_plane(mask_zyx: np.ndarray) -> np.ndarray:
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
     background, n = ndimage.label(~mask_zyx, structure=in_plane)
-    edge = np.concatenate([background[:, [0, -1], :].ravel(), background[:, :, [0, -1]].ravel()])
-    is_hole = np.ones(n + 1, bool)
-    is_hole[edge] = False
+    is_hole = ~_reaches_the_edge(background, n)
     is_hole[0] = False
     return is_hole[background]
+
+
+def _reaches_the_edge(components_zyx: np.ndarray, n: int) -> np.ndarray:
+    """bool per component label 0..n: True where the component has a voxel on a slice's in-plane edge."""
+    edge = np.zeros(n + 1, bool)
+    edge[components_zyx[:, [0, -1], :].ravel()] = True
+    edge[components_zyx[:, :, [0, -1]].ravel()] = True
+    return edge
 
 
 def _box(mask_zyx: np.ndarray, spacing_xyz) -> tuple[slice, slice, slice]:
@@ -109,9 +111,10 @@ def _fov_padding(vol_hu_zyx: np.ndarray, spacing_xyz) -> tuple[float | None, np.
     if value <= BODY_THRESHOLD_HU or agree.mean() < 0.5:
         return (value if agree.mean() >= 0.5 else None), None
     const = np.abs(vol_hu_zyx - np.float32(value)) < PADDING_TOLERANCE_HU
-    components, _ = ndimage.label(const)
-    border = np.unique(np.concatenate([components[:, [0, -1], :].ravel(), components[:, :, [0, -1]].ravel()]))
-    padding = np.isin(components, border[border > 0])
+    components, n = ndimage.label(const)
+    is_padding = _reaches_the_edge(components, n)
+    is_padding[0] = False
+    padding = is_padding[components]
     rim = max(1, int(round(PADDING_RIM_MM / min(spacing_xyz[:2]))))
     padding = ndimage.binary_dilation(padding, structure=np.ones((1, 3, 3), bool), iterations=rim)
     return value, padding
