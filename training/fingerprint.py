@@ -22,6 +22,7 @@ from flare_infer import io
 from flare_infer.spec import Normalization
 from training.cli import typer_app
 from training.data import CaseFiles, DatasetError, discover_labelled
+from training.utils import write_atomic
 
 PERCENTILES = (0.5, 99.5)
 VOXELS_PER_CASE = 10_000  # nnU-Net's number: every case weighs the same whatever its size
@@ -69,9 +70,7 @@ def load_or_compute_window(path: Path, cases: list[CaseFiles], *, seed: int = 0)
     if path.is_file():
         return Normalization(**json.loads(path.read_text()))
     norm = foreground_window(cases, seed=seed)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(norm.to_dict(), indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(norm.to_dict(), indent=2) + "\n"))
     return norm
 
 

@@ -250,7 +250,7 @@ def train_fold(fold: int, split: dict, cached: dict[str, CachedCase], cfg: Teach
     """Train one fold into out/fold_K; return its validation score (best.pt's)."""
     seed_everything(cfg.loop.seed + fold)
     run_dir = out / f"fold_{fold}"
-    if rt.is_main:  # the epoch lines below are training.loop's; this names their fold
+    if rt.is_main:  # the fold's header; training.loop's epoch lines below carry its name too
         print(f"fold_{fold}: {len(split['train'])} training cases, {len(split['val'])} validation cases -> {run_dir}",
               flush=True)  # fmt: skip
     train_cases = [cached[n] for n in split["train"]]
