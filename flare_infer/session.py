@@ -36,7 +36,8 @@ CUDA = "CUDAExecutionProvider"
 # device (CUDA context, cuDNN/cuBLAS workspaces on top) is unmeasured: no GPU has been available to
 # this project so far. Configurable: `load_model(cuda_arena_bytes=...)`, `predict --cuda-arena-mib`.
 CUDA_ARENA_LIMIT_BYTES = 768 * 1024**2
-# The threshold `python -m training.export --fp16` applies (ExportConfig.min_fp16_agreement): share of
+# The threshold an fp16 sibling must have passed; `python -m training.export --fp16` applies it too
+# (ExportConfig.min_fp16_agreement defaults to this constant): share of
 # voxels whose argmax equals the fp32 model's on whole check CTs.
 FP16_MIN_AGREEMENT = 0.999
 # onnxruntime's CUDA out-of-memory errors: the arena ("BFCArena::AllocateRawInternal Failed to allocate

@@ -45,6 +45,7 @@ import torch
 import typer
 from torch import nn
 
+from flare_infer.session import FP16_MIN_AGREEMENT
 from flare_infer.spec import ModelSpec, sidecar_path
 from training.cli import typer_app
 from training.loop import load_model
@@ -69,7 +70,8 @@ class ExportConfig:
     parity_factor: float = 4.0  # ONNX's logit error (vs float64) may be this many times torch float32's own
     parity_floor: float = 1e-5  # ... plus this (absolute): a model whose float32 error is ~0 still passes
     fp16: bool = False
-    min_fp16_agreement: float = 0.999  # fraction of voxels whose argmax equals the fp32 model's
+    # fraction of voxels whose argmax equals the fp32 model's; the same number inference requires (fp16_sibling)
+    min_fp16_agreement: float = FP16_MIN_AGREEMENT
     dummy_shape: tuple[int, int] = (32, 48)  # (H, W) of the export dummy: not square, so never a CT slice's shape
     notes: tuple[tuple[str, str], ...] = ()  # (key, text) written as top-level sidecar fields (--note KEY=TEXT)
 
