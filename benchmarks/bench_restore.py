@@ -83,7 +83,7 @@ def accuracy(model, cases) -> dict:
         prepared = prepare(image, model.spec)
         seconds["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
-        labels_zyx, probs_zyxc = predict_volume(
+        labels_zyx, probabilities = predict_volume(
             prepared, model.predict, model.spec, batch_size=16, outputs=("labels", "probabilities")
         )
         seconds["infer_labels_and_probabilities"] = time.perf_counter() - t
@@ -91,7 +91,7 @@ def accuracy(model, cases) -> dict:
             [s.start, s.stop] for s in prepared.box_zyx], "dsc": {}, "nsd": {}}  # fmt: skip
         for method in METHODS:
             t = time.perf_counter()
-            mask = restore(labels_zyx, prepared, probs_zyxc if method == "linear" else None, method=method)
+            mask = restore(labels_zyx, prepared, probabilities if method == "linear" else None, method=method)
             seconds[f"restore_{method}"] = time.perf_counter() - t
             t = time.perf_counter()
             scores = evaluate_case(mask, label, name=name)

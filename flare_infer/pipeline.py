@@ -28,7 +28,7 @@ import SimpleITK as sitk
 from flare_infer import geometry, io
 from flare_infer.geometry import GridMismatchError
 from flare_infer.postprocess import apply_postprocess
-from flare_infer.predictor import PredictBatch, SliceConfig, predict_slices
+from flare_infer.predictor import PredictBatch, SliceConfig, StoredProbabilities, predict_slices
 from flare_infer.preprocess import find_body, normalise
 from flare_infer.restore import RESTORE_CHOICES, check_method, drop_removed, probabilities_to_image_grid
 from flare_infer.spec import ModelSpec
@@ -123,7 +123,8 @@ def predict_volume(
     """`outputs` on `prepared.vol_zyx`'s voxels (the body's box), in that order; only those are computed.
 
     "labels" uint8 (Z, Y, X); "confidence" float16 (Z, Y, X), max class probability (pseudo-labels);
-    "probabilities" float16 (Z, Y, X, 14), what the linear restore interpolates (`outputs_for(restore)`).
+    "probabilities" `StoredProbabilities`, float16 at the voxels with a neighbour of another label: what the linear
+    restore interpolates (`outputs_for(restore)`).
     """
     config = SliceConfig(
         input_channels=spec.input_channels,
@@ -144,13 +145,13 @@ def outputs_for(method: str) -> tuple[str, ...]:
 def restore(
     labels_zyx: np.ndarray,
     prepared: Prepared,
-    probabilities_zyxc: np.ndarray | None = None,
+    probabilities: StoredProbabilities | None = None,
     *,
     method: str = "linear",
 ) -> sitk.Image:
     """uint8 labels on the input's exact grid; raises `GridMismatchError` if the grid came out different.
 
-    linear: the class probabilities (float16 (Z, Y, X, 14) on the box, `labels_zyx` their argmax) interpolated
+    linear: the class probabilities (`StoredProbabilities` on the box, `labels_zyx` their argmax) interpolated
     trilinearly at every input voxel, then argmax (flare_infer.restore). nearest: the nearest label.
     """
     check_method(method)
@@ -158,12 +159,12 @@ def restore(
         raise GridMismatchError(f"labels shape {labels_zyx.shape} differs from the prepared {prepared.vol_zyx.shape}")
     grid = geometry.Grid.of(prepared.resampled)
     if method == "linear":
-        if probabilities_zyxc is None:
+        if probabilities is None:
             raise ValueError(
                 "the linear restore needs the class probabilities: predict_volume(..., outputs=outputs_for('linear')), "
                 "or restore(..., method='nearest')"
             )
-        mask = probabilities_to_image_grid(labels_zyx, probabilities_zyxc, prepared.box_zyx, grid, prepared.image)
+        mask = probabilities_to_image_grid(labels_zyx, probabilities, prepared.box_zyx, grid, prepared.image)
     else:
         mask = geometry.labels_to_image_grid(prepared.uncrop(np.asarray(labels_zyx, np.uint8)), grid, prepared.image)
     # the functions above check the grid their voxel mapping implies; this checks the header the mask carries
@@ -175,12 +176,12 @@ def _infer_and_restore(prepared, predict_batch, spec, *, batch_size, postprocess
     """predict_volume with what the restore needs, post-processing, restore; `timed(stage)` after infer."""
     want = outputs_for(restore_method)
     found = predict_volume(prepared, predict_batch, spec, batch_size=batch_size, fixed_batch=fixed_batch, outputs=want)
-    labels_zyx, probabilities_zyxc = found if len(found) == 2 else (found[0], None)
+    labels_zyx, probabilities = found if len(found) == 2 else (found[0], None)
     timed("infer")
     cleaned = apply_postprocess(labels_zyx, postprocess)
-    if probabilities_zyxc is not None:  # components removed by post-processing must not come back by interpolation
-        drop_removed(probabilities_zyxc, labels_zyx, cleaned)
-    return restore(cleaned, prepared, probabilities_zyxc, method=restore_method)
+    if probabilities is not None:  # components removed by post-processing must not come back by interpolation
+        drop_removed(probabilities, labels_zyx, cleaned)
+    return restore(cleaned, prepared, probabilities, method=restore_method)
 
 
 def predict_case(

@@ -3,9 +3,14 @@
 `predict_slices` streams batches of axial slices (2.5D: `input_channels` adjacent slices with edge
 replication) through `predict_batch` and keeps per slice only what the caller asks for (`OUTPUTS`):
 the argmax label (always), the confidence (max class probability: training's pseudo-labels), the
-float16 class probabilities (the `linear` restore, flare_infer.restore). Scores are reduced per batch,
+class probabilities (the `linear` restore, flare_infer.restore). Scores are reduced per batch,
 so a float32 14-class score volume is never held in memory. The same code serves the ONNX Runtime session
 (`flare_infer.session`), a torch teacher ensemble (training) and threshold stand-ins (tests).
+
+The probabilities are stored only at boundary voxels (`StoredProbabilities`, float32): those with a neighbour,
+among the 26 around them, of another label. These are the corners of every cell the linear restore interpolates
+in (a cell whose 8 corners disagree); inside an organ or the background the label alone is the answer. On a
+near-free model the softmax and float16 rounding of every voxel had been most of `infer` (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from flare_infer.preprocess import pad_slices
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]  # (N, C_in, H, W) float32 -> (N, 14, H, W) float32 scores
 OUTPUTS = ("labels", "confidence", "probabilities")
-PROBABILITY_FLOOR = np.float32(2.0**-14)  # added to every stored probability: the smallest normal float16
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class SliceConfig:
     output: str = "logits"  # or "probabilities": how to turn scores into a confidence
     fixed_batch: bool = False  # pad the last batch to batch_size (fixed shapes: no CUDA re-tuning)
     # what predict_slices returns, in this order: "labels" uint8 (Z, Y, X), "confidence" float16 (Z, Y, X),
-    # "probabilities" float16 (Z, Y, X, 14), each + PROBABILITY_FLOOR; only these are computed
+    # "probabilities" StoredProbabilities (float32 at boundary voxels); only these are computed
     outputs: tuple[str, ...] = ("labels", "confidence")
 
     def __post_init__(self) -> None:
@@ -51,7 +55,7 @@ def gather_batch(vol_zyx: np.ndarray, z_indices: np.ndarray, input_channels: int
 
 def labels_and_confidence(scores_nkhw: np.ndarray, output: str) -> tuple[np.ndarray, np.ndarray]:
     """Argmax label (uint8) and max class probability (float16), softmax applied to logits."""
-    labels = scores_nkhw.argmax(axis=1).astype(np.uint8)
+    labels = argmax_planes(scores_nkhw)
     top = scores_nkhw.max(axis=1)
     if output == "logits":
         # max softmax probability = 1 / sum_k exp(s_k - s_max)
@@ -79,21 +83,6 @@ def probabilities(scores_nkhw: np.ndarray, output: str) -> np.ndarray:
     return e
 
 
-def float16_bits(values: np.ndarray) -> np.ndarray:
-    """uint16 bit patterns of `values` (float32, all in [2^-14, 65504]) rounded to float16 (half up); `values` is
-    overwritten.
-
-    numpy's own conversion costs 3x the exp of the softmax (measured on a batch of the shipped model's scores);
-    for normal float16 values it is a rounding add and a shift of the float32 bits, in place. Equal to numpy's
-    (round half to even) except on exact halfway values, where it rounds up.
-    """
-    b = values.view(np.uint32)
-    b += np.uint32(1 << 12)  # half of the 13 dropped mantissa bits
-    b >>= np.uint32(13)
-    b -= np.uint32(112 << 10)  # exponent bias 127 -> 15
-    return b.astype(np.uint16)
-
-
 def argmax_planes(scores_nkhw: np.ndarray) -> np.ndarray:
     """uint8 argmax over axis 1 (first on ties, as numpy's), plane by plane: 10x faster than argmax(axis=1)."""
     best = scores_nkhw[:, 0].copy()
@@ -105,39 +94,128 @@ def argmax_planes(scores_nkhw: np.ndarray) -> np.ndarray:
     return labels
 
 
-def reduce_scores(scores_nkhw: np.ndarray, config: SliceConfig) -> dict[str, np.ndarray]:
-    """What `config.outputs` asks for, from one batch of scores (N, 14, H, W).
+@dataclass(frozen=True)
+class StoredProbabilities:
+    """Class probabilities of some voxels of a (Z, Y, X) volume.
 
-    With probabilities the label is the argmax of their stored float16 values (the restore's cell shortcut needs
-    the two to agree exactly; they differ from the scores' argmax only at float16 ties). Without, the argmax of
-    the scores, and the confidence as `labels_and_confidence`.
+    `row[z, y, x]` is the voxel's row in `values`, -1 where nothing is stored; a voxel without a row is taken as
+    certain of its label (`table_rows`). `predict_slices` stores the voxels with a 26-neighbour of another label
+    (label 0 outside the volume): every corner of a cell whose corners disagree, so the linear restore's result is
+    the one of the full probabilities. Post-processing that removes a component makes its voxels certain background
+    (`flare_infer.restore.drop_removed`): every corner of a mixed cell is then stored or removed (components are
+    26-connected, so a removed voxel's same-label neighbours are removed too).
     """
-    out = {}
-    if "probabilities" in config.outputs:
-        probs = probabilities(scores_nkhw, config.output)  # (N, 14, H, W) float32
-        if "confidence" in config.outputs:
-            out["confidence"] = probs.max(axis=1).astype(np.float16)
-        # Adding 2^-14 to every class keeps every value a normal float16 (confident voxels are mostly below it:
-        # subnormal float16, which numpy converts another 15x slower, and `float16_bits` not at all); a shift common
-        # to all classes changes no argmax of any interpolation of them (the linear restore's only use).
-        probs += PROBABILITY_FLOOR
-        bits = float16_bits(probs)  # (N, 14, H, W) uint16: the float16 values' bit patterns
-        # non-negative float16 values order as their bit patterns: an integer argmax, with the same ties
-        out["labels"] = argmax_planes(bits)
-        probs16 = bits.view(np.float16)
-        out["probabilities"] = probs16.transpose(0, 2, 3, 1)  # (N, H, W, 14)
-    elif "confidence" in config.outputs:
-        out["labels"], out["confidence"] = labels_and_confidence(scores_nkhw, config.output)
-    else:
-        out["labels"] = scores_nkhw.argmax(axis=1).astype(np.uint8)
-    return out
+
+    row: np.ndarray  # int32 (Z, Y, X)
+    values: np.ndarray  # float32 (M, 14)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.row.shape
+
+    @classmethod
+    def dense(cls, probabilities_zyxc: np.ndarray) -> StoredProbabilities:
+        """Every voxel stored: (Z, Y, X, 14) probabilities (tests, benchmarks)."""
+        shape = probabilities_zyxc.shape[:3]
+        row = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
+        return cls(row, np.asarray(probabilities_zyxc, np.float32).reshape(-1, NUM_CLASSES))
+
+    def table(self) -> np.ndarray:
+        """float32 (M + 14, 14): the stored values, then one certain row per class (`table_rows`)."""
+        return np.concatenate([self.values, np.eye(NUM_CLASSES, dtype=np.float32)])
+
+    def table_rows(self, labels_zyx: np.ndarray) -> np.ndarray:
+        """int32 (Z, Y, X): each voxel's row of `table()`: its stored row, or M + its label."""
+        return np.where(self.row >= 0, self.row, len(self.values) + labels_zyx.astype(np.int32))
+
+    def to_dense(self, labels_zyx: np.ndarray) -> np.ndarray:
+        """float32 (Z, Y, X, 14): the probabilities the restore uses at every voxel."""
+        return self.table()[self.table_rows(labels_zyx)]
 
 
-def predict_slices(predict_batch: PredictBatch, vol_zyx: np.ndarray, config: SliceConfig) -> tuple[np.ndarray, ...]:
-    """`config.outputs` (default labels uint8, confidence float16), each (Z, Y, X) [, 14], for a normalised volume."""
+def boundary(labels_nhw: np.ndarray, before_hw: np.ndarray, after_hw: np.ndarray) -> np.ndarray:
+    """bool (N, H, W): voxels with a 26-neighbour of another label; `before_hw`, `after_hw`: the slices around the
+    stack (zeros at the volume's ends); outside the slices in-plane counts as label 0.
+
+    A voxel's 3 x 3 x 3 neighbourhood holds one label exactly when its maximum equals its minimum: both are separable
+    (three passes of two comparisons each), against 26 comparisons per voxel.
+    """
+    stack = np.pad(np.concatenate([before_hw[None], labels_nhw, after_hw[None]]), ((0, 0), (1, 1), (1, 1)))
+
+    def extreme(op) -> np.ndarray:
+        e = op(op(stack[:-2], stack[1:-1]), stack[2:])  # (N, H + 2, W + 2): over z
+        e = op(op(e[:, :-2], e[:, 1:-1]), e[:, 2:])  # (N, H, W + 2): over y
+        return op(op(e[:, :, :-2], e[:, :, 1:-1]), e[:, :, 2:])  # (N, H, W): over x
+
+    return extreme(np.maximum) != extreme(np.minimum)
+
+
+def stored_rows(scores_nkhw: np.ndarray, where_nhw: np.ndarray, output: str) -> np.ndarray:
+    """float32 (M, 14) class probabilities of the voxels `where_nhw` (C order): one gather, then a softmax of M rows."""
+    n, y, x = np.nonzero(where_nhw)
+    picked = scores_nkhw[n, :, y, x]  # (M, 14): the advanced indices, split by the slice, come first
+    return probabilities(picked[:, :, None, None], output)[:, :, 0, 0]
+
+
+def labels_of(scores_nkhw: np.ndarray, config: SliceConfig) -> dict[str, np.ndarray]:
+    """The argmax label of one batch of scores (N, 14, H, W), and the confidence if `config.outputs` asks for it."""
+    if "confidence" in config.outputs:
+        labels, confidence = labels_and_confidence(scores_nkhw, config.output)
+        return {"labels": labels, "confidence": confidence}
+    return {"labels": argmax_planes(scores_nkhw)}
+
+
+class _BoundaryStore:
+    """Builds `StoredProbabilities` batch by batch: a slice's boundary needs the next slice's labels, so the last
+    slice of each batch waits (its scores copied: one slice) until the next batch, or the end, gives them.
+
+    Stored voxels are relabelled with the argmax of their stored values (they differ from the scores' argmax only
+    where rounding in the softmax ties two classes): the restore's cell shortcut and its interpolation then agree.
+    """
+
+    def __init__(self, labels_zyx: np.ndarray, output: str) -> None:
+        self.labels, self.output = labels_zyx, output
+        self.row = np.full(labels_zyx.shape, -1, np.int32)
+        self.values: list[np.ndarray] = []
+        self.count = 0
+        self.pending: tuple[int, np.ndarray] | None = None  # (z, scores (1, 14, H, W)) of a slice waiting
+
+    def add(self, z0: int, scores_nkhw: np.ndarray) -> None:
+        """Scores of slices z0, z0 + 1, ... whose labels are already in `labels`."""
+        if self.pending is not None:
+            self._store(*self.pending)
+        self._store(z0, scores_nkhw[:-1])
+        self.pending = (z0 + len(scores_nkhw) - 1, scores_nkhw[-1:].copy())
+
+    def finish(self) -> StoredProbabilities:
+        if self.pending is not None:
+            self._store(*self.pending)
+        values = np.concatenate(self.values) if self.values else np.zeros((0, NUM_CLASSES), np.float32)
+        return StoredProbabilities(self.row, values)
+
+    def _store(self, z0: int, scores_nkhw: np.ndarray) -> None:
+        n = len(scores_nkhw)
+        if n == 0:
+            return
+        depth = self.labels.shape[0]
+        none = np.zeros(self.labels.shape[1:], np.uint8)  # label 0 beyond the volume's ends
+        before = self.labels[z0 - 1] if z0 > 0 else none
+        after = self.labels[z0 + n] if z0 + n < depth else none
+        where = boundary(self.labels[z0 : z0 + n], before, after)  # (n, H, W)
+        rows = stored_rows(scores_nkhw, where, self.output)  # (M, 14) float32
+        self.labels[z0 : z0 + n][where] = rows.argmax(axis=1)
+        self.row[z0 : z0 + n][where] = np.arange(self.count, self.count + len(rows), dtype=np.int32)
+        self.values.append(rows)
+        self.count += len(rows)
+
+
+def predict_slices(predict_batch: PredictBatch, vol_zyx: np.ndarray, config: SliceConfig) -> tuple:
+    """`config.outputs` for a normalised volume, in that order: "labels" uint8 (Z, Y, X), "confidence" float16
+    (Z, Y, X), "probabilities" a `StoredProbabilities` (the boundary voxels' values)."""
     depth, h, w = vol_zyx.shape
-    shapes = {"labels": (np.uint8, ()), "confidence": (np.float16, ()), "probabilities": (np.float16, (NUM_CLASSES,))}
-    results = {name: np.zeros((depth, h, w, *shapes[name][1]), shapes[name][0]) for name in config.outputs}
+    labels = np.zeros((depth, h, w), np.uint8)
+    confidence = np.zeros((depth, h, w), np.float16) if "confidence" in config.outputs else None
+    store = _BoundaryStore(labels, config.output) if "probabilities" in config.outputs else None
     for start in range(0, depth, config.batch_size):
         z = np.arange(start, min(start + config.batch_size, depth))
         batch = gather_batch(vol_zyx, z, config.input_channels)  # (n, C, H, W)
@@ -146,7 +224,12 @@ def predict_slices(predict_batch: PredictBatch, vol_zyx: np.ndarray, config: Sli
         batch = np.ascontiguousarray(pad_slices(batch), dtype=np.float32)  # (n', C, H16, W16)
         scores = predict_batch(batch)  # (n', 14, H16, W16)
         _check_scores(scores, len(z), h, w)
-        for name, value in reduce_scores(scores[: len(z), :, :h, :w], config).items():
-            if name in results:
-                results[name][z] = value
+        scores = scores[: len(z), :, :h, :w]
+        found = labels_of(scores, config)
+        labels[z] = found["labels"]
+        if confidence is not None:
+            confidence[z] = found["confidence"]
+        if store is not None:
+            store.add(start, scores)
+    results = {"labels": labels, "confidence": confidence, "probabilities": store.finish() if store else None}
     return tuple(results[name] for name in config.outputs)

@@ -41,6 +41,7 @@ from flare_infer.geometry import (
     voxel_map,
 )
 from flare_infer.labels import NUM_CLASSES
+from flare_infer.predictor import StoredProbabilities
 
 RESTORE_CHOICES = ("linear", "nearest")
 MIXED = 255  # a cell whose 8 corners disagree (labels are 0..13)
@@ -116,25 +117,23 @@ def cell_voxels(ax: CellAxis, n_cells: int, out_stride: int) -> CellVoxels:
     return CellVoxels(offset, weight, valid)
 
 
-def corner_values(probs_zyxc: np.ndarray, offset_zyx, cells_shape, where: np.ndarray) -> np.ndarray:
-    """float32 (M, 8, 14): the probabilities at the 8 corners of the cells `where` (flat indices on the padded box).
+def corner_rows(probs: StoredProbabilities, labels_zyx: np.ndarray, box_in_region, region_shape) -> np.ndarray:
+    """int32 (Z + 1, Y + 1, X + 1) on the padded box: each voxel's row of `probs.table()` (certain background outside
+    the box at `box_in_region`), the last plane repeated along each axis as in `cell_labels` (a cell at the grid's
+    edge has both corners on its last voxel)."""
+    rows = np.full(region_shape, len(probs.values), np.int32)  # row M + 0: background with certainty
+    rows[box_in_region] = probs.table_rows(labels_zyx)
+    return np.pad(rows, [(0, 1)] * 3, mode="edge")
 
-    `offset_zyx`: the box's start on the padded box; corners outside the box are background with certainty.
-    """
+
+def corner_values(table: np.ndarray, rows_ext: np.ndarray, cells_shape, where: np.ndarray) -> np.ndarray:
+    """float32 (M, 8, 14): the probabilities at the 8 corners of the cells `where` (flat indices on the padded box),
+    from `corner_rows` and the table it indexes: one gather."""
     z, y, x = np.unravel_index(where, cells_shape)
-    box_shape = probs_zyxc.shape[:3]
-    flat = probs_zyxc.reshape(-1, NUM_CLASSES)
-    out = np.empty((len(where), len(_CORNERS), NUM_CLASSES), np.float32)
-    for i, step in enumerate(_CORNERS):
-        at = [np.minimum(c + d, n - 1) - o for c, d, n, o in zip((z, y, x), step, cells_shape, offset_zyx, strict=True)]
-        inside = np.ones(len(where), bool)
-        for c, n in zip(at, box_shape, strict=True):
-            inside &= (c >= 0) & (c < n)
-        index = np.ravel_multi_index([np.clip(c, 0, n - 1) for c, n in zip(at, box_shape, strict=True)], box_shape)
-        out[:, i] = flat.take(index, axis=0)
-        out[~inside, i] = 0
-        out[~inside, i, 0] = 1
-    return out
+    _, ny, nx = rows_ext.shape
+    base = (z * ny + y) * nx + x  # (M,) the lower corner on the extended grid
+    step = np.array([(dz * ny + dy) * nx + dx for dz, dy, dx in _CORNERS])  # (8,)
+    return table[rows_ext.reshape(-1)[base[:, None] + step]]
 
 
 def winner_floor(corners: np.ndarray) -> np.ndarray:
@@ -183,7 +182,7 @@ def trilinear(corners: np.ndarray, w_z: np.ndarray, w_y: np.ndarray, w_x: np.nda
     return c[:, 0, None] + w_z[(slice(None), slice(None), None, None, *e)] * (c[:, 1] - c[:, 0])[:, None]
 
 
-def label_mixed_cells(cells_zyx, where, probs_zyxc, offset_zyx, voxels_zyx: list[CellVoxels], out_flat) -> None:
+def label_mixed_cells(cells_zyx, where, table, rows_ext, voxels_zyx: list[CellVoxels], out_flat) -> None:
     """Write the labels of every input voxel inside the mixed cells `where` (flat indices on the padded box).
 
     The voxels of a cell are a (kz, ky, kx) block, the product of each axis's voxels (`cell_voxels`); padding
@@ -194,7 +193,7 @@ def label_mixed_cells(cells_zyx, where, probs_zyxc, offset_zyx, voxels_zyx: list
     w_z, w_y, w_x = vz.weight[cz], vy.weight[cy], vx.weight[cx]  # (M, kz), (M, ky), (M, kx)
     flat = vz.offset[cz][:, :, None, None] + vy.offset[cy][:, None, :, None] + vx.offset[cx][:, None, None, :]
     valid = vz.valid[cz][:, :, None, None] & vy.valid[cy][:, None, :, None] & vx.valid[cx][:, None, None, :]
-    corners = corner_values(probs_zyxc, offset_zyx, cells_zyx.shape, where)  # (M, 8, 14)
+    corners = corner_values(table, rows_ext, cells_zyx.shape, where)  # (M, 8, 14)
     first, last, general = candidates(corners)
     rows = np.arange(len(where))
     diff = (corners[rows, :, first] - corners[rows, :, last]).reshape(-1, 2, 2, 2)  # (M, dz, dy, dx)
@@ -208,7 +207,7 @@ def label_mixed_cells(cells_zyx, where, probs_zyxc, offset_zyx, voxels_zyx: list
 
 def probabilities_to_image_grid(
     labels_zyx: np.ndarray,
-    probabilities_zyxc: np.ndarray,
+    probabilities: StoredProbabilities,
     box_zyx: tuple[slice, slice, slice],
     grid: Grid,
     image: sitk.Image,
@@ -216,18 +215,19 @@ def probabilities_to_image_grid(
     """uint8 argmax of the class probabilities interpolated trilinearly onto `image`'s exact grid.
 
     Args:
-        labels_zyx: uint8 (Z', Y', X') argmax of `probabilities_zyxc` on the box (the cells' shortcut relies on it).
-        probabilities_zyxc: float16 (Z', Y', X', 14) class probabilities on the box (a shift common to all classes,
-            as predictor.PROBABILITY_FLOOR, changes nothing).
+        labels_zyx: uint8 (Z', Y', X') labels on the box: the argmax of the stored probabilities where there are
+            some (the cells' shortcut relies on it), the certain label elsewhere.
+        probabilities: class probabilities on the box, stored at least at every voxel with a 26-neighbour of another
+            label (`predictor.StoredProbabilities`; a shift common to all classes, as predictor.PROBABILITY_FLOOR,
+            changes nothing).
         box_zyx: the box on `grid`'s (Z, Y, X) array; outside it the grid is background with certainty.
         grid: the resampled grid (canonical orientation, the model's spacing).
         image: the input; the output has its size, spacing, origin and direction, checked against the grid the
             voxel map implies (`geometry.check_implied_grid`).
     """
-    if labels_zyx.shape != probabilities_zyxc.shape[:3] or probabilities_zyxc.shape[3:] != (NUM_CLASSES,):
+    if labels_zyx.shape != probabilities.shape:
         raise GridMismatchError(
-            f"labels {labels_zyx.shape} and probabilities {probabilities_zyxc.shape} must be (Z, Y, X) and "
-            f"(Z, Y, X, {NUM_CLASSES}) on the same box"
+            f"labels {labels_zyx.shape} and probabilities {probabilities.shape} must be on the same box"
         )
     vmap = voxel_map(image, grid)
     if vmap is None:  # resampling keeps the canonical direction, a signed permutation of the input's axes
@@ -235,7 +235,8 @@ def probabilities_to_image_grid(
     region = padded_box(box_zyx, tuple(grid.size_xyz[::-1]))
     offset = tuple(b.start - r.start for b, r in zip(box_zyx, region, strict=True))
     labels = np.zeros([r.stop - r.start for r in region], np.uint8)  # an empty box pads to background voxels
-    labels[tuple(slice(o, o + n) for o, n in zip(offset, labels_zyx.shape, strict=True))] = labels_zyx
+    box_in_region = tuple(slice(o, o + n) for o, n in zip(offset, labels_zyx.shape, strict=True))
+    labels[box_in_region] = labels_zyx
     cells = cell_labels(labels)
     axes_xyz = [cell_axis(vmap, a, region[2 - vmap.axes[a]]) for a in range(3)]
     out_zyx = np.empty([vmap.image_size_xyz[a] for a in (2, 1, 0)], np.uint8)
@@ -250,12 +251,13 @@ def probabilities_to_image_grid(
         k = 2 - vmap.axes[a]
         voxels[k] = cell_voxels(ax, cells.shape[k], out_strides[2 - a])
     where = np.flatnonzero(cells == MIXED)
+    table, rows_ext = probabilities.table(), corner_rows(probabilities, labels_zyx, box_in_region, labels.shape)
     per_cell = int(np.prod([v.weight.shape[1] for v in voxels]))
     step = max(16, _CHUNK_VOXELS // per_cell)
     out_flat = out_zyx.reshape(-1)
 
     def chunk(start: int) -> None:  # cells are disjoint: chunks write disjoint voxels, in threads
-        label_mixed_cells(cells, where[start : start + step], probabilities_zyxc, offset, voxels, out_flat)
+        label_mixed_cells(cells, where[start : start + step], table, rows_ext, voxels, out_flat)
 
     in_threads(chunk, range(0, len(where), step))
     check_implied_grid(vmap, grid, out_zyx, image, what="restored probabilities")
@@ -264,10 +266,10 @@ def probabilities_to_image_grid(
     return out
 
 
-def drop_removed(probabilities_zyxc: np.ndarray, labels_zyx: np.ndarray, cleaned_zyx: np.ndarray) -> np.ndarray:
-    """Probabilities where post-processing turned a label into background made background-certain (in place)."""
-    removed = cleaned_zyx != labels_zyx
-    if removed.any():
-        probabilities_zyxc[removed] = 0
-        probabilities_zyxc[removed, 0] = 1
-    return probabilities_zyxc
+def drop_removed(probabilities: StoredProbabilities, labels_zyx: np.ndarray, cleaned_zyx: np.ndarray) -> None:
+    """Where post-processing turned a label into background, background with certainty (stored values, in place;
+    a voxel without stored values takes its cleaned label, 0, already)."""
+    rows = probabilities.row[(cleaned_zyx != labels_zyx) & (probabilities.row >= 0)]
+    if len(rows):
+        probabilities.values[rows] = 0
+        probabilities.values[rows, 0] = 1

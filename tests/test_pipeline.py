@@ -18,7 +18,7 @@ from scipy import ndimage
 from flare_infer import geometry, pipeline
 from flare_infer.geometry import Grid, GridMismatchError
 from flare_infer.postprocess import apply_postprocess
-from flare_infer.predictor import SliceConfig, gather_batch, labels_and_confidence, predict_slices
+from flare_infer.predictor import SliceConfig, StoredProbabilities, gather_batch, labels_and_confidence, predict_slices
 from flare_infer.session import load_model
 from flare_infer.spec import ModelSpec
 
@@ -48,7 +48,10 @@ GEOMETRIES = {  # name: (size_xyz, spacing_xyz, direction 3x3, pixel type)
     "identity_int16": ((96, 72, 30), (2.0, 2.2, 4.0), np.eye(3), np.int16),
     "flipped_ras_int32": ((96, 72, 30), (2.0, 2.2, 4.0), np.diag([-1.0, -1.0, 1.0]), np.int32),
     "permuted_sagittal_float32": (
-        (30, 72, 96), (4.0, 2.2, 2.0), np.array([[0, 0, -1], [0, 1, 0], [1, 0, 0]], float), np.float32
+        (30, 72, 96),
+        (4.0, 2.2, 2.0),
+        np.array([[0, 0, -1], [0, 1, 0], [1, 0, 0]], float),
+        np.float32,
     ),
     "oblique_float64": ((100, 80, 34), (2.0, 2.0, 3.5), _rotation(12.0, 8.0), np.float64),
     "anisotropic_flipped_uint8": ((200, 150, 12), (1.0, 1.0, 10.0), np.diag([1.0, -1.0, -1.0]), np.uint8),
@@ -191,8 +194,9 @@ def test_flipped_pipeline_fails_the_reference_check(tmp_path, monkeypatch):
     honest_predict_volume = pipeline.predict_volume
 
     def flipped_predict_volume(*args, **kwargs):
-        labels_zyx, confidence_zyx = honest_predict_volume(*args, **kwargs)
-        return labels_zyx[:, :, ::-1], confidence_zyx[:, :, ::-1]  # left-right swapped before restore
+        labels_zyx, probabilities = honest_predict_volume(*args, **kwargs)
+        flipped = StoredProbabilities(probabilities.row[:, :, ::-1], probabilities.values)
+        return labels_zyx[:, :, ::-1], flipped  # left-right swapped before restore
 
     monkeypatch.setattr(pipeline, "predict_volume", flipped_predict_volume)
     mask = run_standin(image, tmp_path, thresholds, PHANTOM_CLASSES)

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from flare_infer import geometry, pipeline, restore
 from flare_infer.geometry import Grid, GridMismatchError
 from flare_infer.labels import NUM_CLASSES
-from flare_infer.predictor import PROBABILITY_FLOOR, SliceConfig, predict_slices
+from flare_infer.predictor import SliceConfig, StoredProbabilities, predict_slices, stored_rows
 from flare_infer.spec import ModelSpec
 
 SPEC = ModelSpec(spacing_xyz_mm=(3.0, 3.0, 4.0))
@@ -123,7 +123,7 @@ def itk_reference(probs_zyxc: np.ndarray, prepared: pipeline.Prepared) -> tuple[
 
 
 def restore_linear(probs: np.ndarray, prepared: pipeline.Prepared) -> sitk.Image:
-    return pipeline.restore(argmax16(probs), prepared, probs, method="linear")
+    return pipeline.restore(argmax16(probs), prepared, StoredProbabilities.dense(probs), method="linear")
 
 
 # ------------------------------------------------------------------------------------------------------ accuracy
@@ -170,7 +170,10 @@ def test_slab_and_shortcut_path_equals_full_volume_interpolation(name, noise):
     labels = argmax16(probs)
     cells = restore.cell_labels(labels)
     where = np.flatnonzero(cells == restore.MIXED)
-    general = restore.candidates(restore.corner_values(probs, (0, 0, 0), cells.shape, where))[2]
+    stored = StoredProbabilities.dense(probs)
+    rows = restore.corner_rows(stored, labels, (slice(None),) * 3, labels.shape)
+    corners = restore.corner_values(stored.table(), rows, cells.shape, where)
+    general = restore.candidates(corners)[2]
     # every path runs: uniform cells, two-candidate cells, cells of three or more
     assert (cells != restore.MIXED).sum() > 100 and (~general).sum() > 100 and general.sum() > 10
     got = sitk.GetArrayFromImage(restore_linear(probs, prepared))
@@ -216,7 +219,7 @@ def test_unusual_ct_shapes_work_under_linear_with_the_exact_grid(size, spacing):
     )
     mask = pipeline.restore(labels, prepared, probs, method="linear")
     assert Grid.of(mask) == Grid.of(image)
-    expected, gap = itk_reference(probs.astype(np.float32), prepared)
+    expected, gap = itk_reference(probs.to_dense(labels), prepared)
     got = sitk.GetArrayFromImage(mask)
     assert len(np.unique(got)) >= 2
     assert not ((got != expected) & (gap > TIE)).any()
@@ -261,29 +264,86 @@ def test_a_wrong_voxel_map_is_refused(monkeypatch, wrong, method):
 
 
 # ------------------------------------------------------------------------------------------ what is computed
+def dense_probabilities(batch_fn, vol: np.ndarray) -> np.ndarray:
+    """float32 (Z, Y, X, 14) at every voxel, computed as the predictor computes its stored voxels' values."""
+    scores = batch_fn(vol[:, None])  # (Z, 14, Y, X)
+    return stored_rows(scores, np.ones(vol.shape, bool), "logits").reshape(*vol.shape, NUM_CLASSES)
+
+
 def test_predict_computes_only_the_outputs_asked_for():
     vol = np.random.default_rng(0).uniform(0, 1, (5, 20, 24)).astype(np.float32)
+    vol[:, :10] = 0.0  # one label there: no probabilities stored inside it
     (labels,) = predict_slices(smooth_batch, vol, SliceConfig(outputs=("labels",)))
     labels2, probs = predict_slices(smooth_batch, vol, SliceConfig(outputs=("labels", "probabilities")))
     labels3, confidence = predict_slices(smooth_batch, vol, SliceConfig())  # training's pseudo-labels
-    assert probs.dtype == np.float16 and probs.shape == (*vol.shape, NUM_CLASSES)
+    assert isinstance(probs, StoredProbabilities) and probs.shape == vol.shape and probs.values.dtype == np.float32
     np.testing.assert_array_equal(labels, labels2)
     np.testing.assert_array_equal(labels, labels3)
-    np.testing.assert_array_equal(labels2, argmax16(probs))
-    np.testing.assert_allclose(probs.astype(np.float32).sum(-1), 1 + NUM_CLASSES * PROBABILITY_FLOOR, atol=5e-3)
-    np.testing.assert_allclose(confidence.astype(np.float32), probs.astype(np.float32).max(-1) - PROBABILITY_FLOOR,
-                               atol=2e-3)  # fmt: skip
+    stored = probs.row >= 0
+    assert 0 < stored.sum() < stored.size
+    np.testing.assert_array_equal(labels2[stored], argmax16(probs.values[probs.row[stored]]))
+    np.testing.assert_allclose(probs.values.sum(-1), 1, atol=1e-5)
+    full = dense_probabilities(smooth_batch, vol).astype(np.float32)
+    np.testing.assert_allclose(probs.values[probs.row[stored]], full[stored], atol=1e-6)
+    np.testing.assert_allclose(confidence.astype(np.float32), full.max(-1), atol=2e-3)
     with pytest.raises(ValueError, match="outputs must be"):
         SliceConfig(outputs=("labels", "logits"))
 
 
-def test_labels_are_the_argmax_of_the_stored_probabilities_at_float16_ties():
-    scores = np.full((1, NUM_CLASSES, 16, 16), -30.0, np.float32)
-    scores[:, 1] = 0.0
-    scores[:, 2] = np.float32(1e-5)  # class 2 wins in float32, ties with class 1 once stored as float16
-    labels, probs = predict_slices(lambda b: scores[: len(b)], np.zeros((1, 16, 16), np.float32),
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_probabilities_are_stored_exactly_where_a_26_neighbour_has_another_label(batch_size):
+    vol = np.random.default_rng(1).uniform(0, 1, (10, 12, 9)).astype(np.float32)
+    vol[:, :6] = 0.0  # a region of one label: no neighbour of another, nothing stored there
+    labels, probs = predict_slices(smooth_batch, vol, SliceConfig(batch_size=batch_size,
+                                                                  outputs=("labels", "probabilities")))  # fmt: skip
+    padded = np.pad(labels, 1)  # label 0 beyond the volume, as the restore's padded box
+    z, y, x = labels.shape
+    expected = np.zeros(labels.shape, bool)
+    for dz, dy, dx in np.ndindex(3, 3, 3):
+        expected |= padded[dz : dz + z, dy : dy + y, dx : dx + x] != labels
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(probs.row >= 0, expected)
+    np.testing.assert_array_equal(np.sort(probs.row[expected]), np.arange(expected.sum()))  # one row each
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.04])
+def test_restoring_the_stored_boundary_probabilities_equals_restoring_every_voxels(noise):
+    image = body_image((70, 60, 24), (1.13, 1.07, 2.1), np.diag([-1.0, -1.0, 1.0]))
+    prepared = pipeline.prepare(image, SPEC)
+    noisy = np.random.default_rng(2).normal(0, noise, prepared.vol_zyx.shape).astype(np.float32)  # many mixed cells
+    prepared = pipeline.Prepared(prepared.image, prepared.resampled, prepared.vol_zyx + noisy, prepared.box_zyx)
+    labels, stored = pipeline.predict_volume(prepared, smooth_batch, SPEC, batch_size=5,
+                                             outputs=("labels", "probabilities"))  # fmt: skip
+    full = dense_probabilities(smooth_batch, prepared.vol_zyx)
+    assert 0.02 < (stored.row >= 0).mean() < 0.9
+    np.testing.assert_array_equal(labels, argmax16(full))
+    got = sitk.GetArrayFromImage(pipeline.restore(labels, prepared, stored, method="linear"))
+    every = sitk.GetArrayFromImage(pipeline.restore(labels, prepared, StoredProbabilities.dense(full), method="linear"))
+    np.testing.assert_array_equal(got, every)
+    assert len(np.unique(got)) == 3
+
+
+def test_a_voxel_without_stored_probabilities_is_certain_of_its_label():
+    labels = np.array([[[0, 3], [7, 7]]], np.uint8)  # (1, 2, 2)
+    row = np.array([[[-1, 0], [-1, -1]]], np.int32)  # only the voxel of label 3 stored
+    values = np.full((1, NUM_CLASSES), 0.05, np.float32)
+    got = StoredProbabilities(row, values).to_dense(labels).reshape(4, NUM_CLASSES)
+    np.testing.assert_array_equal(got[1], values[0])
+    for voxel, label in ((0, 0), (2, 7), (3, 7)):
+        np.testing.assert_array_equal(got[voxel], np.eye(NUM_CLASSES, dtype=np.float32)[label])
+
+
+def test_labels_are_the_argmax_of_the_stored_probabilities_at_ties():
+    scores = np.full((3, NUM_CLASSES, 16, 16), -30.0, np.float32)
+    scores[:, 0] = 0.0
+    scores[:, 1] = np.float32(1e-9)  # class 1 wins in the scores, ties with class 0 after the softmax (exp(-1e-9) = 1)
+    scores[:, 5, :, 8:] = 40.0  # class 5 on the right half: the column beside it holds boundary voxels
+    labels, probs = predict_slices(lambda b: scores[: len(b)], np.zeros((3, 16, 16), np.float32),
                                    SliceConfig(outputs=("labels", "probabilities")))  # fmt: skip
-    assert probs[0, 0, 0, 1] == probs[0, 0, 0, 2] and (labels == 1).all()
+    tie = probs.values[probs.row[1, 5, 7]]
+    assert tie[0] == tie[1] and (labels[:, :, 7] == 0).all()  # stored: the stored values' argmax
+    assert (probs.row[1, 1:15, 1:6] < 0).all() and (labels[1, 1:15, 1:6] == 1).all()  # inside: the scores' argmax
+    assert (labels[:, :, 8:] == 5).all()
 
 
 def test_components_removed_by_post_processing_do_not_come_back_by_interpolation():
