@@ -1,7 +1,9 @@
-"""training.reproduce: the --quick run end to end (slow, ~2-3 min on 2 cores) and the report's sentences.
+"""training.reproduce: the --quick run end to end, a --quick --data DIR --seeds 0,1 run on phantoms written to
+disk first (slow, each ~3-5 min on 2 shared cores), and the report's sentences. The seeds' statistics and
+plumbing without training: tests/test_seeds.py.
 
-    pytest tests/test_reproduce.py -x -q
-    pytest tests/test_reproduce.py -x -q -m "not slow"     # the sentence tests only (seconds)
+pytest tests/test_reproduce.py -x -q
+pytest tests/test_reproduce.py -x -q -m "not slow"     # the sentence tests only (seconds)
 """
 
 import json
@@ -163,3 +165,84 @@ def test_quick_run_resumes_without_redoing_finished_steps(quick_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "teacher: done before" in proc.stdout and "student_paper: done before" in proc.stdout
     assert json.loads((run_dir / "steps.json").read_text()) == before
+
+
+# ----------------------------------------------------------------------------- --data DIR and --seeds, end to end
+@pytest.fixture(scope="module")
+def data_run(tmp_path_factory):
+    """Phantoms written to disk first, then `--data` pointing at them (quick sizes, seeds 0 and 1): proves the
+    path, not the numbers."""
+    root = tmp_path_factory.mktemp("reproduce_data")
+    data = root / "flare22"
+    gen = [sys.executable, "-m", "training.phantoms", str(data), "--labelled", "5", "--unlabelled", "4",
+           "--validation", "3", "--seed", "0", "--size", "small"]  # fmt: skip
+    assert subprocess.run(gen, capture_output=True, text=True).returncode == 0
+    results = root / "report" / "RESULTS.md"
+    cmd = [sys.executable, "-m", "training.reproduce", "--out", str(root / "run"), "--quick", "--seeds", "0,1",
+           "--data", str(data), "--results", str(results)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root / "run", data, results, cmd
+
+
+@pytest.mark.slow
+def test_data_run_uses_the_given_folder_and_skips_the_phantoms_and_the_hidden_truth(data_run):
+    run_dir, data, results, _ = data_run
+    steps = json.loads((run_dir / "steps.json").read_text())
+    assert "data" not in steps and "pseudo_quality" not in steps
+    assert not (run_dir / "data").exists() and not (run_dir / "pseudo_quality.json").exists()
+    assert f"--data {data}/labelled" in steps["teacher"]["command"]
+    assert str(data / "validation" / "labels") in steps["evaluate_single"]["command"]
+    text = results.read_text()
+    assert f"Data: `--data {data}`: 5 labelled, 4 unlabelled and 3 validation cases" in text
+    assert "Pseudo-label quality: not measured" in text
+
+
+@pytest.mark.slow
+def test_data_run_trains_each_seed_in_its_own_folder_with_its_seed(data_run):
+    run_dir, _, _, _ = data_run
+    seed0, seed1 = (
+        json.loads((run_dir / "steps.json").read_text()),
+        json.loads((run_dir / "seed_1" / "steps.json").read_text()),
+    )
+    for name in ("student_paper", "student_ours"):
+        assert "--seed 0 " in seed0[name]["command"] and "--seed 1 " in seed1[name]["command"]
+        assert f"{run_dir}/seed_1/students/" in seed1[name]["command"]
+        assert f"--teacher {run_dir}/teacher/teacher.json" in seed1[name]["command"]  # the one teacher
+    assert "seed=1" in seed1["single"]["command"] and "seed=1" in seed1["single_equal_steps"]["command"]
+    for rel in ("single/fold_0/last.pt", "single_equal_steps/fold_0/last.pt", "students/paper/best.pt",
+                "students/ours/best.pt", "eval/single_equal_steps.csv"):  # fmt: skip
+        assert (run_dir / rel).is_file() and (run_dir / "seed_1" / rel).is_file(), rel
+    assert not (run_dir / "seed_1" / "teacher").exists()
+
+
+@pytest.mark.slow
+def test_data_run_writes_table4_json_with_equal_steps_from_the_checkpoints(data_run):
+    from training.reproduce import optimizer_steps, ours_total_steps
+
+    run_dir, _, results, _ = data_run
+    table = json.loads((results.parent / "results" / "table4.json").read_text())
+    assert table["seeds"] == [0, 1] and table["cases"] == 3
+    assert set(table["models"]) == {"single", "single_equal_steps", "teacher", "student_paper", "student_ours"}
+    for m in table["models"].values():
+        assert len(m["mean_dsc"]) == 2 and all(0.0 <= v <= 1.0 for v in m["mean_dsc"] + m["mean_nsd"])
+    assert table["models"]["teacher"]["mean_dsc"][0] == table["models"]["teacher"]["mean_dsc"][1]
+    per_epoch = optimizer_steps(run_dir / "single" / "fold_0" / "last.pt")[0] // 3  # QUICK.teacher_epochs
+    for seed, base in ((0, run_dir), (1, run_dir / "seed_1")):
+        target = ours_total_steps(run_dir / "teacher" / "teacher.json", base / "students" / "ours" / "best.pt")
+        equal = table["models"]["single_equal_steps"]["steps_per_seed"][seed]
+        assert table["models"]["student_ours"]["steps_per_seed"][seed] == target
+        assert target <= equal < target + per_epoch  # whole epochs, rounded up
+    assert (results.parent / "results" / "table4_seeds.png").stat().st_size > 1000
+    text = results.read_text()
+    assert "## The claim across training seeds (0, 1)" in text and "results/table4_seeds.png" in text
+
+
+@pytest.mark.slow
+def test_data_run_resumes_without_redoing_any_seed(data_run):
+    run_dir, _, _, cmd = data_run
+    before = json.loads((run_dir / "seed_1" / "steps.json").read_text())
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "student_ours: done before" in proc.stdout and "single_equal_steps: done before" in proc.stdout
+    assert json.loads((run_dir / "seed_1" / "steps.json").read_text()) == before
