@@ -288,12 +288,37 @@ def test_the_body_box_holds_every_organ_voxel_of_a_full_size_scan_with_table_and
     _every_organ_voxel_in_the_box(image, label, spacing=(1.5, 1.5, 2.5))
 
 
-def test_in_plane_holes_are_those_binary_fill_holes_fills_slice_by_slice():
+@pytest.mark.parametrize("air", [((0, 0), (0, 0), (0, 0)), ((2, 3), (5, 7), (3, 4))], ids=["filling", "in_air"])
+def test_in_plane_holes_are_those_binary_fill_holes_fills_slice_by_slice(air):
     from scipy import ndimage
 
     from flare_infer.preprocess import _holes_in_plane
 
     mask = ndimage.binary_opening(np.random.default_rng(0).random((20, 60, 70)) > 0.45)
+    mask[-1, -3:, -3:] = True
+    mask[-1, -2, -2] = False  # a hole in the last slice, against the mask's last row and column
+    mask[0, :3, :3] = True
+    mask[0, 1, 1] = False  # and in the first, against its first row and column
+    mask = np.pad(mask, air)
     expected = np.stack([ndimage.binary_fill_holes(s) for s in mask])
     assert (expected & ~mask).any()  # there are holes to fill
     np.testing.assert_array_equal(mask | _holes_in_plane(mask), expected)
+
+
+def test_the_body_is_the_largest_component_above_500_hu_with_its_in_plane_holes_filled():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    hu = np.full((30, 90, 100), -1000.0, np.float32)  # air around: the body's box is a part of the volume
+    hu[4:26, 20:70, 15:80] = rng.normal(40, 20, (22, 50, 65))  # the trunk
+    hu[8:22, 30:45, 25:40] = -900  # a lung: a hole inside the trunk
+    hu[4:26, 20:70, 17:19] = -1000  # an air gap splitting off the trunk's left edge as a second, smaller part
+    hu[10:20, 80:85, 10:90] = 300  # a table under it, a third component
+    body = find_body(hu, (3.0, 3.0, 4.0))
+    components, n = ndimage.label(hu > -500)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    largest = components == sizes.argmax()
+    expected = np.stack([ndimage.binary_fill_holes(s) for s in largest])
+    assert n == 3 and (expected & ~largest).any()
+    np.testing.assert_array_equal(body.mask_zyx, expected)
