@@ -127,40 +127,41 @@ def corner_rows(probs: StoredProbabilities, labels_zyx: np.ndarray, box_in_regio
 
 
 def corner_values(table: np.ndarray, rows_ext: np.ndarray, cells_shape, where: np.ndarray) -> np.ndarray:
-    """float32 (M, 8, 14): the probabilities at the 8 corners of the cells `where` (flat indices on the padded box),
-    from `corner_rows` and the table it indexes: one gather."""
+    """float32 (8, M, 14): the probabilities at the 8 corners of the cells `where` (flat indices on the padded box),
+    from `corner_rows` and the table it indexes: one gather. Corner-major, so that each corner's (M, 14) is
+    contiguous for the loops over corners below (2.4x faster than (M, 8, 14) for `winner_floor`)."""
     z, y, x = np.unravel_index(where, cells_shape)
     _, ny, nx = rows_ext.shape
     base = (z * ny + y) * nx + x  # (M,) the lower corner on the extended grid
     step = np.array([(dz * ny + dy) * nx + dx for dz, dy, dx in _CORNERS])  # (8,)
-    return table[rows_ext.reshape(-1)[base[:, None] + step]]
+    return table[rows_ext.reshape(-1)[step[:, None] + base]]
 
 
 def winner_floor(corners: np.ndarray) -> np.ndarray:
-    """(M,) a lower bound of the largest interpolated probability anywhere in each cell; corners (M, 8, 14).
+    """(M,) a lower bound of the largest interpolated probability anywhere in each cell; corners (8, M, 14).
 
     Anywhere in a cell, max_k p_k >= p_j and >= (p_a + p_b) / 2 for any classes j, a, b; each is a convex combination
     of its corner values, hence at least their minimum. With a, b the two classes of most mass in the cell the second
     bound is tight where two classes meet (one near 1 where the other is near 0). A class whose largest corner
     probability is below the bound cannot win anywhere in the cell.
     """
-    low, total = corners[:, 0].copy(), corners[:, 0].copy()  # (M, 14); loops over 8 corners beat axis=1 reductions
-    for i in range(1, corners.shape[1]):
-        np.minimum(low, corners[:, i], out=low)
-        total += corners[:, i]
-    rows = np.arange(len(corners))
+    low, total = corners[0].copy(), corners[0].copy()  # (M, 14); loops over 8 corners beat axis=0 reductions
+    for corner in corners[1:]:
+        np.minimum(low, corner, out=low)
+        total += corner
+    rows = np.arange(corners.shape[1])
     a = total.argmax(axis=1)
     total[rows, a] = -1
     b = total.argmax(axis=1)
-    pair_mean = (corners[rows, :, a] + corners[rows, :, b]) / 2  # (M, 8)
-    return np.maximum(low.max(axis=1), pair_mean.min(axis=1))
+    pair_mean = (corners[:, rows, a] + corners[:, rows, b]) / 2  # (8, M)
+    return np.maximum(low.max(axis=1), pair_mean.min(axis=0))
 
 
 def candidates(corners: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per cell (corners (M, 8, 14)): the lowest and highest class that can win, and whether more than two can."""
-    high = corners[:, 0].copy()
-    for i in range(1, corners.shape[1]):
-        np.maximum(high, corners[:, i], out=high)
+    """Per cell (corners (8, M, 14)): the lowest and highest class that can win, and whether more than two can."""
+    high = corners[0].copy()
+    for corner in corners[1:]:
+        np.maximum(high, corner, out=high)
     can_win = high >= winner_floor(corners)[:, None]  # (M, 14); below the floor everywhere: cannot win
     first = can_win.argmax(axis=1)
     last = NUM_CLASSES - 1 - can_win[:, ::-1].argmax(axis=1)
@@ -193,14 +194,15 @@ def label_mixed_cells(cells_zyx, where, table, rows_ext, voxels_zyx: list[CellVo
     w_z, w_y, w_x = vz.weight[cz], vy.weight[cy], vx.weight[cx]  # (M, kz), (M, ky), (M, kx)
     flat = vz.offset[cz][:, :, None, None] + vy.offset[cy][:, None, :, None] + vx.offset[cx][:, None, None, :]
     valid = vz.valid[cz][:, :, None, None] & vy.valid[cy][:, None, :, None] & vx.valid[cx][:, None, None, :]
-    corners = corner_values(table, rows_ext, cells_zyx.shape, where)  # (M, 8, 14)
+    corners = corner_values(table, rows_ext, cells_zyx.shape, where)  # (8, M, 14)
     first, last, general = candidates(corners)
     rows = np.arange(len(where))
-    diff = (corners[rows, :, first] - corners[rows, :, last]).reshape(-1, 2, 2, 2)  # (M, dz, dy, dx)
+    diff = (corners[:, rows, first] - corners[:, rows, last]).T.reshape(-1, 2, 2, 2)  # (M, dz, dy, dx)
     d = trilinear(diff, w_z, w_y, w_x)  # (M, kz, ky, kx)
     labels = np.where(d >= 0, first[:, None, None, None], last[:, None, None, None]).astype(np.uint8)  # ties: lower
     if general.any():  # three or more candidates: every class
-        c = trilinear(corners[general].reshape(-1, 2, 2, 2, NUM_CLASSES), w_z[general], w_y[general], w_x[general])
+        at = corners[:, general].transpose(1, 0, 2).reshape(-1, 2, 2, 2, NUM_CLASSES)  # (G, dz, dy, dx, 14)
+        c = trilinear(at, w_z[general], w_y[general], w_x[general])
         labels[general] = c.argmax(axis=-1)
     out_flat[flat[valid]] = labels[valid]
 
