@@ -920,7 +920,8 @@ def run(plan: Plan, results_md: Path, argv: list[str]) -> dict:
         quality = json.loads(quality_path.read_text())
     scores = claim_scores(steps, plan, results)
     results_dir = results_md.parent / "results"  # docs/results/ beside docs/RESULTS.md
-    seeds_report.write_outputs(results_dir, list(plan.seeds), scores, s.bootstrap, run_seconds(plan))
+    command = {"command": shlex.join(["python", "-m", "training.reproduce", *argv])}
+    seeds_report.write_outputs(results_dir, list(plan.seeds), scores, s.bootstrap, {**command, **run_seconds(plan)})
     claim = seeds_report.section(list(plan.seeds), scores, s.bootstrap, "results/table4_seeds.png",
                                  "results/table4.json")  # fmt: skip
     write_report(results_md, plan, results, timings, steps, argv, quality, claim)

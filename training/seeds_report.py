@@ -102,7 +102,8 @@ def sentence(d: Difference, metric: str, n_seeds: int, n_cases: int) -> str:
     direction = "higher" if d.mean > 0 else "lower" if d.mean < 0 else "no different"
     verdict = ("resolved: the interval excludes 0" if d.resolved
                else "not resolved: the interval includes 0")  # fmt: skip
-    return (f"{MODELS[d.subject]} is {abs(d.mean):.4f} {direction} in mean {metric} than {MODELS[d.reference]} "
+    subject = MODELS[d.subject][0].upper() + MODELS[d.subject][1:]
+    return (f"{subject} is {abs(d.mean):.4f} {direction} in mean {metric} than {MODELS[d.reference]} "
             f"over {n_seeds} seed(s) x {n_cases} cases (95% crossed-bootstrap interval of the difference "
             f"[{d.lo:+.4f}, {d.hi:+.4f}]); {verdict}.")  # fmt: skip
 
@@ -179,7 +180,7 @@ def section(seeds: list[int], scores: dict[str, ModelScores], n_boot: int, figur
     for key, m in scores.items():
         per_seed = m.dsc.mean(axis=1)
         lo, hi = crossed_bootstrap(m.dsc, n_boot)
-        sd = _sd(per_seed)
+        sd = None if key == "teacher" else _sd(per_seed)  # one teacher: no spread over seeds to show
         lines.append(f"| {MODELS[key]} | " + " | ".join(f"{v:.4f}" for v in per_seed)
                      + f" | {per_seed.mean():.4f} | {'-' if sd is None else f'{sd:.4f}'} | [{lo:.4f}, {hi:.4f}] | "
                      f"{m.nsd.mean():.4f} | {m.steps[0]} |")  # fmt: skip
