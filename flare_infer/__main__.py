@@ -258,8 +258,6 @@ def predict(args: argparse.Namespace) -> int:
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE
-        if cases:
-            import scipy.ndimage  # noqa: F401  (the body finder's: imported while the first case is still being read)
         log.info("model %s on %s; %d cases (shard %d/%d)", loaded.model_path, loaded.provider, len(cases), k, n)
         if loaded.provider == "CPUExecutionProvider" and args.device != "cpu":
             log.info("no usable NVIDIA GPU (no driver visible or no CUDA in this onnxruntime): running on the CPU")

@@ -45,8 +45,6 @@ class Body:
 
 def find_body(vol_hu_zyx: np.ndarray, spacing_xyz: tuple[float, float, float]) -> Body:
     """The body in a resampled HU volume; `vol_hu_zyx` is not modified (`normalise` makes outside it air)."""
-    from scipy import ndimage  # lazy: scipy's import is a noticeable share of a small case
-
     notes = list(_hu_notes(vol_hu_zyx))
     padding_hu, padding = _fov_padding(vol_hu_zyx, spacing_xyz)
     dense = vol_hu_zyx > BODY_THRESHOLD_HU
@@ -56,13 +54,40 @@ def find_body(vol_hu_zyx: np.ndarray, spacing_xyz: tuple[float, float, float]) -
     if region is None:
         notes.append("no body found (no voxel above -500 HU inside the field of view): the mask is all background")
         return Body(np.zeros(vol_hu_zyx.shape, bool), (slice(0, 0),) * 3, padding_hu, tuple(notes))
-    components, _ = ndimage.label(dense[region])
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
+    components, _ = label_components(dense[region])
     mask = np.zeros(vol_hu_zyx.shape, bool)
-    mask[region] = components == int(sizes.argmax())
+    mask[region] = components == _largest(components)
     mask |= _holes_in_plane(mask)  # lungs and bowel gas
     return Body(mask, _box(mask, spacing_xyz), padding_hu, tuple(notes))
+
+
+def label_components(mask_zyx: np.ndarray, in_plane: bool = False) -> tuple[np.ndarray, int]:
+    """Face-connected components of a bool volume (6 neighbours; with `in_plane`, 4 within each slice): labels
+    1..n, 0 outside, and n. The components of `scipy.ndimage.label` with its default structure (with `in_plane`,
+    that structure's middle plane), numbered otherwise; by SimpleITK's ConnectedComponent, in threads, so that
+    predicting never imports scipy (0.5 s of CPU per process, docs/PERFORMANCE.md).
+    """
+    import SimpleITK as sitk
+
+    vol = np.ascontiguousarray(mask_zyx, dtype=np.uint8)
+    if in_plane:  # an empty slice between each two: no component crosses it
+        spaced = np.zeros((2 * len(vol) - 1, *vol.shape[1:]), np.uint8)
+        spaced[::2] = vol
+        vol = spaced
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(vol), False))  # a copy
+    labels = labels[::2] if in_plane else labels
+    return labels, int(labels.max(initial=0))
+
+
+def _largest(components_zyx: np.ndarray) -> int:
+    """The label of the largest component; on a tie, the one met first in C order (scipy's numbering's pick)."""
+    sizes = np.bincount(components_zyx.ravel())
+    sizes[0] = 0
+    tied = np.flatnonzero(sizes == sizes.max())
+    if len(tied) == 1:
+        return int(tied[0])
+    flat = components_zyx.ravel()
+    return int(min(tied, key=lambda c: int(np.argmax(flat == c))))
 
 
 def _bounding_box(mask_zyx: np.ndarray, grow_zyx: tuple[int, int, int] = (0, 0, 0)) -> tuple[slice, ...] | None:
@@ -84,17 +109,13 @@ def _holes_in_plane(mask_zyx: np.ndarray) -> np.ndarray:
     One labelling of the background with in-plane connectivity only, instead of a fill per slice (4x faster on
     200 slices of 273 x 273, 2 cores); a component reaching the slice's edge is outside.
     """
-    from scipy import ndimage
-
     holes = np.zeros(mask_zyx.shape, bool)
     # Holes lie inside the mask's box, labelled there only. Outside the box a slice is background that reaches its
     # edge, so background touching the box's in-plane border continues out to the edge: not a hole.
     region = _bounding_box(mask_zyx)
     if region is None:
         return holes
-    in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    background, n = ndimage.label(~mask_zyx[region], structure=in_plane)
+    background, n = label_components(~mask_zyx[region], in_plane=True)
     is_hole = ~_reaches_the_edge(background, n)
     is_hole[0] = False
     holes[region] = is_hole[background]
@@ -122,15 +143,15 @@ def _fov_padding(vol_hu_zyx: np.ndarray, spacing_xyz) -> tuple[float | None, np.
     Below the body threshold it needs no handling (it is air to `find_body`), so only a value >= -500 HU (0 is
     common) is looked for; noisy tissue or air is never one constant over a connected region.
     """
-    from scipy import ndimage
-
     corners = vol_hu_zyx[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # (Z, 4)
     value = float(np.median(corners))
     agree = np.abs(corners - value) < PADDING_TOLERANCE_HU
     if value <= BODY_THRESHOLD_HU or agree.mean() < 0.5:
         return (value if agree.mean() >= 0.5 else None), None
+    from scipy import ndimage  # only for padding at or above -500 HU (0 is common): the dilation below
+
     const = np.abs(vol_hu_zyx - np.float32(value)) < PADDING_TOLERANCE_HU
-    components, n = ndimage.label(const)
+    components, n = label_components(const)
     is_padding = _reaches_the_edge(components, n)
     is_padding[0] = False
     padding = is_padding[components]

@@ -322,3 +322,31 @@ def test_the_body_is_the_largest_component_above_500_hu_with_its_in_plane_holes_
     expected = np.stack([ndimage.binary_fill_holes(s) for s in largest])
     assert n == 3 and (expected & ~largest).any()
     np.testing.assert_array_equal(body.mask_zyx, expected)
+
+
+def test_of_two_equal_largest_parts_the_body_is_the_one_met_first_in_memory_order():
+    hu = np.full((10, 40, 60), -1000.0, np.float32)
+    hu[2:8, 10:30, 35:50] = 40.0  # met first in C order (row 10 before row 12), although further right
+    hu[2:8, 12:32, 5:20] = 40.0  # the same size
+    body = find_body(hu, (3.0, 3.0, 4.0))
+    assert body.mask_zyx[5, 20, 40] and not body.mask_zyx[5, 20, 10]
+
+
+def test_predicting_does_not_import_scipy(tmp_path):
+    """scipy's import costs about 0.5 s of CPU per process (docs/PERFORMANCE.md); only lcc clean-up, FOV padding at or
+    above -500 HU and evaluation need it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, SimpleITK as sitk\n"
+        "from flare_infer import pipeline\n"
+        "from flare_infer.spec import ModelSpec\n"
+        "hu = np.full((30, 90, 100), -1000, np.int16); hu[4:26, 20:70, 15:80] = 40; hu[8:22, 30:45, 25:40] = -900\n"
+        "image = sitk.GetImageFromArray(hu); image.SetSpacing((1.5, 1.5, 3.0))\n"
+        "prepared = pipeline.prepare(image, ModelSpec(spacing_xyz_mm=(3.0, 3.0, 4.0)))\n"
+        "assert prepared.vol_zyx.size, 'no body found'\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
