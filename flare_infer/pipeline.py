@@ -123,7 +123,7 @@ def predict_volume(
     """`outputs` on `prepared.vol_zyx`'s voxels (the body's box), in that order; only those are computed.
 
     "labels" uint8 (Z, Y, X); "confidence" float16 (Z, Y, X), max class probability (pseudo-labels);
-    "probabilities" `StoredProbabilities`, float16 at the voxels with a neighbour of another label: what the linear
+    "probabilities" `StoredProbabilities`, float32 at the voxels with a neighbour of another label: what the linear
     restore interpolates (`outputs_for(restore)`).
     """
     config = SliceConfig(

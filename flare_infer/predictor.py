@@ -157,14 +157,6 @@ def stored_rows(scores_nkhw: np.ndarray, where_nhw: np.ndarray, output: str) -> 
     return probabilities(picked[:, :, None, None], output)[:, :, 0, 0]
 
 
-def labels_of(scores_nkhw: np.ndarray, config: SliceConfig) -> dict[str, np.ndarray]:
-    """The argmax label of one batch of scores (N, 14, H, W), and the confidence if `config.outputs` asks for it."""
-    if "confidence" in config.outputs:
-        labels, confidence = labels_and_confidence(scores_nkhw, config.output)
-        return {"labels": labels, "confidence": confidence}
-    return {"labels": argmax_planes(scores_nkhw)}
-
-
 class _BoundaryStore:
     """Builds `StoredProbabilities` batch by batch: a slice's boundary needs the next slice's labels, so the last
     slice of each batch waits (its scores copied: one slice) until the next batch, or the end, gives them.
@@ -225,10 +217,10 @@ def predict_slices(predict_batch: PredictBatch, vol_zyx: np.ndarray, config: Sli
         scores = predict_batch(batch)  # (n', 14, H16, W16)
         _check_scores(scores, len(z), h, w)
         scores = scores[: len(z), :, :h, :w]
-        found = labels_of(scores, config)
-        labels[z] = found["labels"]
         if confidence is not None:
-            confidence[z] = found["confidence"]
+            labels[z], confidence[z] = labels_and_confidence(scores, config.output)
+        else:
+            labels[z] = argmax_planes(scores)
         if store is not None:
             store.add(start, scores)
     results = {"labels": labels, "confidence": confidence, "probabilities": store.finish() if store else None}

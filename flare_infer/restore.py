@@ -21,7 +21,8 @@ Linear never holds a 14-class volume at the input's resolution, and interpolates
             block of input voxels inside it (per axis the voxels whose floor is the cell: a Cartesian product),
             so the interpolation is a few array operations per chunk, and the labels are written by index.
 The resampled grid outside the body's box is background with certainty (probability 1 for class 0): the labels
-are padded by one voxel of background around the box, the probabilities are not copied.
+are padded by one voxel of background around the box; the probabilities are not: every voxel of that padded box
+gets a row of one table (`corner_rows`), the stored values or a certain row per class.
 """
 
 from __future__ import annotations
@@ -220,8 +221,7 @@ def probabilities_to_image_grid(
         labels_zyx: uint8 (Z', Y', X') labels on the box: the argmax of the stored probabilities where there are
             some (the cells' shortcut relies on it), the certain label elsewhere.
         probabilities: class probabilities on the box, stored at least at every voxel with a 26-neighbour of another
-            label (`predictor.StoredProbabilities`; a shift common to all classes, as predictor.PROBABILITY_FLOOR,
-            changes nothing).
+            label (`predictor.StoredProbabilities`).
         box_zyx: the box on `grid`'s (Z, Y, X) array; outside it the grid is background with certainty.
         grid: the resampled grid (canonical orientation, the model's spacing).
         image: the input; the output has its size, spacing, origin and direction, checked against the grid the

@@ -283,7 +283,7 @@ def test_predict_computes_only_the_outputs_asked_for():
     assert 0 < stored.sum() < stored.size
     np.testing.assert_array_equal(labels2[stored], argmax16(probs.values[probs.row[stored]]))
     np.testing.assert_allclose(probs.values.sum(-1), 1, atol=1e-5)
-    full = dense_probabilities(smooth_batch, vol).astype(np.float32)
+    full = dense_probabilities(smooth_batch, vol)
     np.testing.assert_allclose(probs.values[probs.row[stored]], full[stored], atol=1e-6)
     np.testing.assert_allclose(confidence.astype(np.float32), full.max(-1), atol=2e-3)
     with pytest.raises(ValueError, match="outputs must be"):

@@ -856,7 +856,7 @@ def model_steps(plan: Plan, seed: int) -> dict[str, int]:
     """Optimizer steps of each claim model at one seed, read from the checkpoints; the teacher: its 3 members'."""
     base, teacher = seed_dir(plan.out, seed), plan.out / "teacher"
     members = [teacher / m["checkpoint"] for m in json.loads((teacher / "teacher.json").read_text())["members"]]
-    own = {key: optimizer_steps(base / ckpt)[0] for key, (_, ckpt) in CLAIM_MODELS.items()}
+    own = {key: optimizer_steps(base / ckpt)[0] for key, (_, ckpt) in CLAIM_MODELS.items() if key != "student_ours"}
     own["student_ours"] = ours_total_steps(teacher / "teacher.json", base / CLAIM_MODELS["student_ours"][1])
     return {**own, "teacher": sum(optimizer_steps(p)[0] for p in members)}
 
