@@ -21,8 +21,8 @@ Linear never holds a 14-class volume at the input's resolution, and interpolates
             block of input voxels inside it (per axis the voxels whose floor is the cell: a Cartesian product),
             so the interpolation is a few array operations per chunk, and the labels are written by index.
 The resampled grid outside the body's box is background with certainty (probability 1 for class 0): the labels
-are padded by one voxel of background around the box; the probabilities are not: every voxel of that padded box
-gets a row of one table (`corner_rows`), the stored values or a certain row per class.
+are padded by one voxel of background around the box; the probabilities are not: the corners of mixed cells get
+a row of one table (`CornerRows`), the stored values or a certain row per class, computed chunk by chunk.
 """
 
 from __future__ import annotations
@@ -118,24 +118,50 @@ def cell_voxels(ax: CellAxis, n_cells: int, out_stride: int) -> CellVoxels:
     return CellVoxels(offset, weight, valid)
 
 
-def corner_rows(probs: StoredProbabilities, labels_zyx: np.ndarray, box_in_region, region_shape) -> np.ndarray:
-    """int32 (Z + 1, Y + 1, X + 1) on the padded box: each voxel's row of `probs.table()` (certain background outside
-    the box at `box_in_region`), the last plane repeated along each axis as in `cell_labels` (a cell at the grid's
-    edge has both corners on its last voxel)."""
-    rows = np.full(region_shape, len(probs.values), np.int32)  # row M + 0: background with certainty
-    rows[box_in_region] = probs.table_rows(labels_zyx)
-    return np.pad(rows, [(0, 1)] * 3, mode="edge")
+@dataclass(frozen=True)
+class CornerRows:
+    """Rows of `probs.table()` at the 8 corners of given cells of the padded box, computed for those cells only.
+
+    A corner inside the body's box takes its stored row, or the certain row of its label (`table_rows`); outside
+    the box, background with certainty (row M). On each axis a cell at the padded box's last voxel has both corners
+    on it, as in `cell_labels`.
+    """
+
+    row: np.ndarray  # int32 (Z', Y', X'): `StoredProbabilities.row` on the box
+    labels: np.ndarray  # uint8 (Z', Y', X'): the labels on the box
+    offset: tuple[int, int, int]  # the box's first voxel on the padded box
+    cells_shape: tuple[int, int, int]  # the padded box
+    certain: int  # M: the table's row of class 0 with certainty
+
+    @classmethod
+    def of(cls, probs: StoredProbabilities, labels_zyx: np.ndarray, box_in_region, region_shape) -> CornerRows:
+        offset = tuple(b.start or 0 for b in box_in_region)
+        return cls(probs.row, labels_zyx, offset, tuple(region_shape), len(probs.values))
+
+    def __call__(self, where: np.ndarray) -> np.ndarray:
+        """int32 (8, M): the table rows of the corners of the cells `where` (flat indices on the padded box)."""
+        inside, index = [], []
+        for c, n, o, size in zip(np.unravel_index(where, self.cells_shape), self.cells_shape, self.offset,
+                                 self.labels.shape, strict=True):
+            pair = [np.minimum(c + d, n - 1) - o for d in (0, 1)]  # each corner's index on the box
+            inside.append([(p >= 0) & (p < size) for p in pair])
+            index.append([np.clip(p, 0, size - 1) for p in pair])
+        _, ny, nx = self.labels.shape
+        row, labels = self.row.reshape(-1), self.labels.reshape(-1)
+        rows = np.empty((len(_CORNERS), len(where)), np.int32)
+        for k, (dz, dy, dx) in enumerate(_CORNERS):
+            flat = (index[0][dz] * ny + index[1][dy]) * nx + index[2][dx]
+            stored = row[flat]
+            rows[k] = np.where(stored >= 0, stored, np.int32(self.certain) + labels[flat])
+            rows[k][~(inside[0][dz] & inside[1][dy] & inside[2][dx])] = self.certain
+        return rows
 
 
-def corner_values(table: np.ndarray, rows_ext: np.ndarray, cells_shape, where: np.ndarray) -> np.ndarray:
+def corner_values(table: np.ndarray, corner_rows: CornerRows, where: np.ndarray) -> np.ndarray:
     """float32 (8, M, 14): the probabilities at the 8 corners of the cells `where` (flat indices on the padded box),
-    from `corner_rows` and the table it indexes: one gather. Corner-major, so that each corner's (M, 14) is
-    contiguous for the loops over corners below (2.4x faster than (M, 8, 14) for `winner_floor`)."""
-    z, y, x = np.unravel_index(where, cells_shape)
-    _, ny, nx = rows_ext.shape
-    base = (z * ny + y) * nx + x  # (M,) the lower corner on the extended grid
-    step = np.array([(dz * ny + dy) * nx + dx for dz, dy, dx in _CORNERS])  # (8,)
-    return table[rows_ext.reshape(-1)[step[:, None] + base]]
+    from the table `corner_rows` indexes: one gather. Corner-major, so that each corner's (M, 14) is contiguous for
+    the loops over corners below (2.4x faster than (M, 8, 14) for `winner_floor`)."""
+    return table[corner_rows(where)]
 
 
 def winner_floor(corners: np.ndarray) -> np.ndarray:
@@ -184,7 +210,7 @@ def trilinear(corners: np.ndarray, w_z: np.ndarray, w_y: np.ndarray, w_x: np.nda
     return c[:, 0, None] + w_z[(slice(None), slice(None), None, None, *e)] * (c[:, 1] - c[:, 0])[:, None]
 
 
-def label_mixed_cells(cells_zyx, where, table, rows_ext, voxels_zyx: list[CellVoxels], out_flat) -> None:
+def label_mixed_cells(cells_zyx, where, table, corner_rows: CornerRows, voxels_zyx: list[CellVoxels], out_flat) -> None:
     """Write the labels of every input voxel inside the mixed cells `where` (flat indices on the padded box).
 
     The voxels of a cell are a (kz, ky, kx) block, the product of each axis's voxels (`cell_voxels`); padding
@@ -195,7 +221,7 @@ def label_mixed_cells(cells_zyx, where, table, rows_ext, voxels_zyx: list[CellVo
     w_z, w_y, w_x = vz.weight[cz], vy.weight[cy], vx.weight[cx]  # (M, kz), (M, ky), (M, kx)
     flat = vz.offset[cz][:, :, None, None] + vy.offset[cy][:, None, :, None] + vx.offset[cx][:, None, None, :]
     valid = vz.valid[cz][:, :, None, None] & vy.valid[cy][:, None, :, None] & vx.valid[cx][:, None, None, :]
-    corners = corner_values(table, rows_ext, cells_zyx.shape, where)  # (8, M, 14)
+    corners = corner_values(table, corner_rows, where)  # (8, M, 14)
     first, last, general = candidates(corners)
     rows = np.arange(len(where))
     diff = (corners[:, rows, first] - corners[:, rows, last]).T.reshape(-1, 2, 2, 2)  # (M, dz, dy, dx)
@@ -253,13 +279,13 @@ def probabilities_to_image_grid(
         k = 2 - vmap.axes[a]
         voxels[k] = cell_voxels(ax, cells.shape[k], out_strides[2 - a])
     where = np.flatnonzero(cells == MIXED)
-    table, rows_ext = probabilities.table(), corner_rows(probabilities, labels_zyx, box_in_region, labels.shape)
+    table, rows = probabilities.table(), CornerRows.of(probabilities, labels_zyx, box_in_region, labels.shape)
     per_cell = int(np.prod([v.weight.shape[1] for v in voxels]))
     step = max(16, _CHUNK_VOXELS // per_cell)
     out_flat = out_zyx.reshape(-1)
 
     def chunk(start: int) -> None:  # cells are disjoint: chunks write disjoint voxels, in threads
-        label_mixed_cells(cells, where[start : start + step], table, rows_ext, voxels, out_flat)
+        label_mixed_cells(cells, where[start : start + step], table, rows, voxels, out_flat)
 
     in_threads(chunk, range(0, len(where), step))
     check_implied_grid(vmap, grid, out_zyx, image, what="restored probabilities")

@@ -171,8 +171,8 @@ def test_slab_and_shortcut_path_equals_full_volume_interpolation(name, noise):
     cells = restore.cell_labels(labels)
     where = np.flatnonzero(cells == restore.MIXED)
     stored = StoredProbabilities.dense(probs)
-    rows = restore.corner_rows(stored, labels, (slice(None),) * 3, labels.shape)
-    corners = restore.corner_values(stored.table(), rows, cells.shape, where)
+    rows = restore.CornerRows.of(stored, labels, (slice(None),) * 3, labels.shape)
+    corners = restore.corner_values(stored.table(), rows, where)
     general = restore.candidates(corners)[2]
     # every path runs: uniform cells, two-candidate cells, cells of three or more
     assert (cells != restore.MIXED).sum() > 100 and (~general).sum() > 100 and general.sum() > 10
@@ -331,6 +331,32 @@ def test_a_voxel_without_stored_probabilities_is_certain_of_its_label():
     np.testing.assert_array_equal(got[1], values[0])
     for voxel, label in ((0, 0), (2, 7), (3, 7)):
         np.testing.assert_array_equal(got[voxel], np.eye(NUM_CLASSES, dtype=np.float32)[label])
+
+
+def dense_corner_rows(probs: StoredProbabilities, labels, box_in_region, region_shape) -> np.ndarray:
+    """The reference: every voxel of the padded box gets its table row (certain background outside the box), the
+    last plane repeated along each axis; a cell's 8 corners are then 8 shifted reads."""
+    rows = np.full(region_shape, len(probs.values), np.int32)
+    rows[box_in_region] = probs.table_rows(labels)
+    return np.pad(rows, [(0, 1)] * 3, mode="edge")
+
+
+@pytest.mark.parametrize("start, stop", [((1, 2, 1), (6, 8, 8)), ((0, 0, 0), (7, 9, 10))])  # inside; whole region
+def test_corner_rows_of_chosen_cells_equal_the_rows_of_the_whole_padded_box(start, stop):
+    rng = np.random.default_rng(3)
+    region_shape = (7, 9, 10)
+    box_in_region = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    labels = rng.integers(0, NUM_CLASSES, [b - a for a, b in zip(start, stop, strict=True)]).astype(np.uint8)
+    row = np.where(rng.random(labels.shape) < 0.5, -1, 0).astype(np.int32)
+    row[row == 0] = np.arange((row == 0).sum(), dtype=np.int32)
+    probs = StoredProbabilities(row, rng.random(((row >= 0).sum(), NUM_CLASSES)).astype(np.float32))
+    where = np.flatnonzero(rng.random(region_shape) < 0.6)  # cells at every edge of the padded box among them
+    got = restore.CornerRows.of(probs, labels, box_in_region, region_shape)(where)
+    dense = dense_corner_rows(probs, labels, box_in_region, region_shape)
+    z, y, x = np.unravel_index(where, region_shape)
+    expected = np.stack([dense[z + dz, y + dy, x + dx] for dz, dy, dx in restore._CORNERS])
+    np.testing.assert_array_equal(got, expected)
+    assert (got == len(probs.values)).any() and (got > len(probs.values)).any() and (got < len(probs.values)).any()
 
 
 def test_labels_are_the_argmax_of_the_stored_probabilities_at_ties():
