@@ -16,6 +16,7 @@ near-free model the softmax and float16 rounding of every voxel had been most of
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,25 +204,39 @@ class _BoundaryStore:
 
 def predict_slices(predict_batch: PredictBatch, vol_zyx: np.ndarray, config: SliceConfig) -> tuple:
     """`config.outputs` for a normalised volume, in that order: "labels" uint8 (Z, Y, X), "confidence" float16
-    (Z, Y, X), "probabilities" a `StoredProbabilities` (the boundary voxels' values)."""
+    (Z, Y, X), "probabilities" a `StoredProbabilities` (the boundary voxels' values).
+
+    A batch's scores are reduced (argmax, confidence, stored probabilities) in a worker thread while the next batch
+    is gathered and predicted: numpy and ONNX Runtime release the GIL, and on a GPU the reduction then hides behind
+    the network. At most two batches of scores are held at once; batches are reduced in order.
+    """
     depth, h, w = vol_zyx.shape
     labels = np.zeros((depth, h, w), np.uint8)
     confidence = np.zeros((depth, h, w), np.float16) if "confidence" in config.outputs else None
     store = _BoundaryStore(labels, config.output) if "probabilities" in config.outputs else None
-    for start in range(0, depth, config.batch_size):
-        z = np.arange(start, min(start + config.batch_size, depth))
-        batch = gather_batch(vol_zyx, z, config.input_channels)  # (n, C, H, W)
-        if config.fixed_batch and len(z) < config.batch_size:
-            batch = np.concatenate([batch, np.zeros((config.batch_size - len(z), *batch.shape[1:]), batch.dtype)])
-        batch = np.ascontiguousarray(pad_slices(batch), dtype=np.float32)  # (n', C, H16, W16)
-        scores = predict_batch(batch)  # (n', 14, H16, W16)
-        _check_scores(scores, len(z), h, w)
-        scores = scores[: len(z), :, :h, :w]
+
+    def reduce(start: int, z: np.ndarray, scores: np.ndarray) -> None:
         if confidence is not None:
             labels[z], confidence[z] = labels_and_confidence(scores, config.output)
         else:
             labels[z] = argmax_planes(scores)
         if store is not None:
             store.add(start, scores)
+
+    with ThreadPoolExecutor(1) as worker:
+        reducing = None  # the previous batch's reduction
+        for start in range(0, depth, config.batch_size):
+            z = np.arange(start, min(start + config.batch_size, depth))
+            batch = gather_batch(vol_zyx, z, config.input_channels)  # (n, C, H, W)
+            if config.fixed_batch and len(z) < config.batch_size:
+                batch = np.concatenate([batch, np.zeros((config.batch_size - len(z), *batch.shape[1:]), batch.dtype)])
+            batch = np.ascontiguousarray(pad_slices(batch), dtype=np.float32)  # (n', C, H16, W16)
+            scores = predict_batch(batch)  # (n', 14, H16, W16)
+            _check_scores(scores, len(z), h, w)
+            if reducing is not None:
+                reducing.result()  # re-raises its exception here
+            reducing = worker.submit(reduce, start, z, scores[: len(z), :, :h, :w])
+        if reducing is not None:
+            reducing.result()
     results = {"labels": labels, "confidence": confidence, "probabilities": store.finish() if store else None}
     return tuple(results[name] for name in config.outputs)

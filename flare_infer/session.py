@@ -190,6 +190,9 @@ def _open_session(model_path: Path, providers: list, threads: int | None):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
+    # No spinning: between runs ONNX Runtime's threads would busy-wait on the cores that reduce the last batch's
+    # scores meanwhile (predictor.predict_slices).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
         return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)

@@ -290,6 +290,24 @@ def test_predict_computes_only_the_outputs_asked_for():
         SliceConfig(outputs=("labels", "logits"))
 
 
+@pytest.mark.parametrize("failing_batch", [0, 2])  # a middle batch; the last one (reduced after the loop)
+def test_an_error_while_reducing_a_batch_reaches_the_caller(monkeypatch, failing_batch):
+    from flare_infer import predictor
+
+    calls = []
+
+    def argmax_failing_once(scores):
+        calls.append(len(scores))
+        if len(calls) == failing_batch + 1:
+            raise FloatingPointError("reduction failed")
+        return argmax16(scores.transpose(0, 2, 3, 1))
+
+    monkeypatch.setattr(predictor, "argmax_planes", argmax_failing_once)
+    vol = np.random.default_rng(0).uniform(0, 1, (7, 8, 8)).astype(np.float32)  # batches of 3: 3 + 3 + 1
+    with pytest.raises(FloatingPointError, match="reduction failed"):
+        predict_slices(smooth_batch, vol, SliceConfig(batch_size=3, outputs=("labels",)))
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_probabilities_are_stored_exactly_where_a_26_neighbour_has_another_label(batch_size):
     vol = np.random.default_rng(1).uniform(0, 1, (10, 12, 9)).astype(np.float32)

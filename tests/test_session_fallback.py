@@ -181,3 +181,9 @@ def test_read_ahead_reads_in_the_background_and_raises_a_bad_file_for_that_file(
     assert set(threads.values()) == {threads["good.nii.gz"]} and threads["good.nii.gz"].startswith("read-ahead")
     ahead.read(good)  # nothing scheduled any more: read here
     assert threads["good.nii.gz"] == threading.current_thread().name
+
+
+def test_onnx_runtime_threads_do_not_spin_between_batches(standin):
+    # Between runs the scores of the last batch are reduced on the same cores (predictor.predict_slices).
+    opened = session._open_session(standin, ["CPUExecutionProvider"], 2)
+    assert opened.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
