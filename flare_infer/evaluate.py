@@ -120,7 +120,7 @@ def evaluate_arrays(
     # The organisers cast with np.uint8(...): same here, whatever the stored pixel type.
     gt_xyz = np.asarray(gt_xyz).astype(np.uint8, copy=False)
     pred_xyz = np.asarray(pred_xyz).astype(np.uint8, copy=False)
-    # Threads, not processes: find_objects, numpy's array passes and the k-d tree release the GIL,
+    # Threads, not processes: find_objects and numpy's array passes release the GIL,
     # and threads share the volumes without copying them.
     with ThreadPoolExecutor(max(1, workers)) as pool:
         boxes_gt, boxes_pred = pool.map(_label_boxes, (gt_xyz, pred_xyz))

@@ -91,6 +91,25 @@ def test_fast_nsd_equals_reference_and_uncropped_on_random_masks(seed):
         assert whole == pytest.approx(cropped, abs=1e-14)
 
 
+@pytest.mark.parametrize("tree_after", [0, 3, metrics.TREE_AFTER_LOOKUPS])  # tree after offset 0; part-way; none
+def test_surfel_distances_within_tolerance_equal_the_distance_transform_bit_for_bit(tree_after):
+    rng = np.random.default_rng(7)
+    shape = (20, 18, 16)
+    gt = rng.random(shape) < 0.3
+    pred = np.roll(gt, (1, -2, 1), axis=(0, 1, 2)) ^ (rng.random(shape) < 0.05)
+    pred[:3] = False  # GT surfels beyond the tolerance of any prediction surfel
+    spacing, tol = (0.75, 0.625, 3.0), 2.5
+    lo, hi = np.zeros(3, int), np.array(shape) - 1
+    areas = metrics.surfel_area_table(spacing)
+    coords_gt, coords_pred = metrics._surfels(gt, lo, hi, areas)[0], metrics._surfels(pred, lo, hi, areas)[0]
+    got = metrics._distances_within(coords_gt, coords_pred, spacing, tol, tree_after=tree_after)
+    edt = metrics._edt_or_inf(metrics._borders(metrics._neighbour_codes(pred, lo, hi)), spacing)
+    expected = edt[tuple(coords_gt.T)]  # the organisers' distance of each GT surfel to the prediction's surface
+    expected[expected > tol] = np.inf
+    np.testing.assert_array_equal(got, expected)
+    assert (got == 0).any() and ((got > 0) & (got <= tol)).any() and np.isinf(got).any()
+
+
 def test_far_stray_blob_is_scored_like_the_reference():
     # A prediction blob far from the organ: outside the tolerance window, must still count as a miss.
     gt = np.zeros((40, 30, 20), bool)
@@ -323,6 +342,19 @@ def test_boxes_of_a_transposed_view_are_the_boxes_of_its_copy():
     view = gt.transpose(2, 1, 0)  # what evaluate_case makes of SimpleITK's (Z, Y, X) array
     assert view.flags.f_contiguous and not view.flags.c_contiguous
     assert metrics.find_boxes(view, 13) == metrics.find_boxes(np.ascontiguousarray(view), 13)
+
+
+@pytest.mark.parametrize("max_label", [0, 13])
+def test_boxes_inside_the_nonzero_box_equal_find_objects_on_the_whole_volume(max_label):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    labels = np.zeros((30, 40, 50), np.uint8)
+    labels[5:20, 10:30, 8:40] = rng.integers(0, 12, (15, 20, 32)) * (rng.random((15, 20, 32)) < 0.01)
+    labels[29, 0, 49] = 12  # a label alone at the volume's far corner, one at its near edge
+    labels[7, 39, 0] = 3
+    for volume in (labels, labels[:, :, :30].copy(), np.zeros_like(labels), labels[::-1, ::-1].copy()):
+        assert metrics.find_boxes(volume, max_label) == ndimage.find_objects(volume, max_label)
 
 
 def test_command_line_writes_the_csv_and_exits_zero(tmp_path):
