@@ -7,9 +7,13 @@ pytest tests/test_reproduce.py -x -q -m "not slow"     # the sentence tests only
 """
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +61,60 @@ def test_bootstrap_interval_contains_the_mean_and_narrows_with_more_cases():
 
 
 # ----------------------------------------------------------------------------- --quick end to end
+_RUN_A_STEP = """
+import sys
+from pathlib import Path
+from training.reproduce import Steps
+Steps(Path(sys.argv[1])).module("sleeper", ["timeit", "-n", "1", "-r", "1", "import time; time.sleep(120)"],
+                                Path(sys.argv[1]) / "never")
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2] not in "ZX"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the death signal is Linux's prctl")
+def test_a_killed_run_takes_its_running_step_with_it(tmp_path):
+    run = subprocess.Popen([sys.executable, "-c", _RUN_A_STEP, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (step := _children(run.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert step, "the run started no step"
+        time.sleep(1.0)  # the wrapper has exec'd the step by now
+        assert _running(step[0])
+        run.kill()  # SIGKILL: the run cannot clean up
+        run.wait()
+        deadline = time.monotonic() + 10
+        while _running(step[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(step[0]), "the step outlived its killed run"
+    finally:
+        run.kill()
+        for pid in _children(run.pid) + (step if "step" in locals() else []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")

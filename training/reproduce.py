@@ -130,6 +130,31 @@ STUDENTS = {
 
 
 # ----------------------------------------------------------------------------- steps, resumable
+# Run by `dies_with_this_process`'s wrapper: a fresh interpreter (no threads yet, so nothing can be locked at
+# fork) asks the kernel for SIGTERM when its parent dies (Linux prctl PR_SET_PDEATHSIG, which survives exec),
+# checks that the parent did not die before that, then becomes the real command.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass  # not Linux: the command runs without the death signal
+if os.getppid() != parent:
+    sys.exit(1)  # the parent is already gone
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dies_with_this_process(cmd: list[str]) -> list[str]:
+    """`cmd` (a program and its arguments) wrapped so that the kernel sends it SIGTERM when this process dies, by
+    SIGKILL too: a run's steps never outlive the run (Linux; elsewhere `cmd` runs without the signal).
+
+    Seen before this (2026-12-01): a SIGTERM to `training.reproduce` left its teacher step training on, orphaned.
+    """
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
+
+
 class Steps:
     """Runs and records each step once: RUN_DIR/steps.json holds command, seconds, and whether it finished."""
 
@@ -155,8 +180,9 @@ class Steps:
         log = self.out / "logs" / f"{name}.log"
         t0 = time.perf_counter()
         with log.open("w") as f:
-            proc = subprocess.run([sys.executable, "-m", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+            # the step dies with this run, also when the run is killed (no orphaned training left behind)
+            proc = subprocess.run(dies_with_this_process([sys.executable, "-m", *argv]), stdout=f,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
         if proc.returncode != 0:
             tail = "\n".join(log.read_text().splitlines()[-25:])
             raise RuntimeError(f"step {name} failed (exit {proc.returncode}): {command}\n--- {log} (tail) ---\n{tail}")
