@@ -267,7 +267,8 @@ def test_a_wrong_voxel_map_is_refused(monkeypatch, wrong, method):
 def dense_probabilities(batch_fn, vol: np.ndarray) -> np.ndarray:
     """float32 (Z, Y, X, 14) at every voxel, computed as the predictor computes its stored voxels' values."""
     scores = batch_fn(vol[:, None])  # (Z, 14, Y, X)
-    return stored_rows(scores, np.ones(vol.shape, bool), "logits").reshape(*vol.shape, NUM_CLASSES)
+    by_class = stored_rows(scores, np.arange(vol.size), vol.shape[1:], "logits")  # (14, Z * Y * X)
+    return by_class.T.reshape(*vol.shape, NUM_CLASSES)
 
 
 def test_predict_computes_only_the_outputs_asked_for():
