@@ -61,21 +61,15 @@ def find_body(vol_hu_zyx: np.ndarray, spacing_xyz: tuple[float, float, float]) -
     return Body(mask, _box(mask, spacing_xyz), padding_hu, tuple(notes))
 
 
-def label_components(mask_zyx: np.ndarray, in_plane: bool = False) -> tuple[np.ndarray, int]:
-    """Face-connected components of a bool volume (6 neighbours; with `in_plane`, 4 within each slice): labels
-    1..n, 0 outside, and n. The components of `scipy.ndimage.label` with its default structure (with `in_plane`,
-    that structure's middle plane), numbered otherwise; by SimpleITK's ConnectedComponent, in threads, so that
-    predicting never imports scipy (0.5 s of CPU per process, docs/PERFORMANCE.md).
+def label_components(mask_zyx: np.ndarray) -> tuple[np.ndarray, int]:
+    """Face-connected components of a bool array (2D or 3D): labels 1..n, 0 outside, and n. The components of
+    `scipy.ndimage.label` with its default structure, numbered otherwise; by SimpleITK's ConnectedComponent, in
+    threads, so that predicting never imports scipy (0.5 s of CPU per process, docs/PERFORMANCE.md).
     """
     import SimpleITK as sitk
 
     vol = np.ascontiguousarray(mask_zyx, dtype=np.uint8)
-    if in_plane:  # an empty slice between each two: no component crosses it
-        spaced = np.zeros((2 * len(vol) - 1, *vol.shape[1:]), np.uint8)
-        spaced[::2] = vol
-        vol = spaced
     labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(vol), False))  # a copy
-    labels = labels[::2] if in_plane else labels
     return labels, int(labels.max(initial=0))
 
 
@@ -106,8 +100,11 @@ def _bounding_box(mask_zyx: np.ndarray, grow_zyx: tuple[int, int, int] = (0, 0, 
 def _holes_in_plane(mask_zyx: np.ndarray) -> np.ndarray:
     """Background enclosed by `mask_zyx` within its axial slice (what binary_fill_holes adds slice by slice).
 
-    One labelling of the background with in-plane connectivity only, instead of a fill per slice (4x faster on
-    200 slices of 273 x 273, 2 cores); a component reaching the slice's edge is outside.
+    One 2D labelling of the background, the slices stacked as one tall image (Z * Y, X), instead of a fill per slice:
+    a component that crosses from one slice's last row into the next one's first row touches both slices' edges,
+    so it is outside in both, and a hole, which touches no edge, crosses nothing. A component reaching a slice's
+    edge is outside. (Against labelling the slices apart in 3D with an empty slice between each two: 1.5x faster
+    on 200 slices of 159 x 227, 2 cores, by hand; against a fill per slice, about 6x.)
     """
     holes = np.zeros(mask_zyx.shape, bool)
     # Holes lie inside the mask's box, labelled there only. Outside the box a slice is background that reaches its
@@ -115,10 +112,12 @@ def _holes_in_plane(mask_zyx: np.ndarray) -> np.ndarray:
     region = _bounding_box(mask_zyx)
     if region is None:
         return holes
-    background, n = label_components(~mask_zyx[region], in_plane=True)
-    is_hole = ~_reaches_the_edge(background, n)
+    background = ~mask_zyx[region]
+    z, y, x = background.shape
+    stacked, n = label_components(background.reshape(z * y, x))
+    is_hole = ~_reaches_the_edge(stacked.reshape(z, y, x), n)
     is_hole[0] = False
-    holes[region] = is_hole[background]
+    holes[region] = is_hole[stacked.reshape(z, y, x)]
     return holes
 
 
