@@ -20,6 +20,8 @@ Linear never holds a 14-class volume at the input's resolution, and interpolates
             candidates: all 14 probabilities, argmax. Mixed cells are processed in chunks, each cell with the
             block of input voxels inside it (per axis the voxels whose floor is the cell: a Cartesian product),
             so the interpolation is a few array operations per chunk, and the labels are written by index.
+            Blocks are as wide as all but the two widest cells per axis need (`narrowed`): the clamped cells at
+            the grid's ends, which would otherwise double a block's size, are a chunk of their own.
 The resampled grid outside the body's box is background with certainty (probability 1 for class 0): the labels
 are padded by one voxel of background around the box; the probabilities are not: the corners of mixed cells get
 a row of one table (`CornerRows`), the stored values or a certain row per class, computed chunk by chunk.
@@ -116,6 +118,20 @@ def cell_voxels(ax: CellAxis, n_cells: int, out_stride: int) -> CellVoxels:
     )
     offset[cell, rank], weight[cell, rank], valid[cell, rank] = index * out_stride, ax.weight[index], True
     return CellVoxels(offset, weight, valid)
+
+
+def narrowed(voxels: CellVoxels, widest: int = 2) -> tuple[CellVoxels, np.ndarray]:
+    """The same cells with room for as many voxels as all but the `widest` cells hold, and which cells fit in it.
+
+    At the grid's first and last voxel the restore clamps, so the cells there hold the input voxels out to the
+    border too: on a CT whose slice spacing equals the model's, the one last cell along z holds 2 slices and every
+    other cell 1, and without this split every mixed cell would be computed as 2 slices thick (half of it padding).
+    """
+    counts = voxels.valid.sum(axis=1)
+    k = int(np.sort(counts)[-widest - 1]) if len(counts) > widest else voxels.valid.shape[1]
+    k = max(1, k)
+    trimmed = CellVoxels(voxels.offset[:, :k], voxels.weight[:, :k], voxels.valid[:, :k])
+    return trimmed, counts <= k
 
 
 @dataclass(frozen=True)
@@ -280,14 +296,21 @@ def probabilities_to_image_grid(
         voxels[k] = cell_voxels(ax, cells.shape[k], out_strides[2 - a])
     where = np.flatnonzero(cells == MIXED)
     table, rows = probabilities.table(), CornerRows.of(probabilities, labels_zyx, box_in_region, labels.shape)
-    per_cell = int(np.prod([v.weight.shape[1] for v in voxels]))
-    step = max(16, _CHUNK_VOXELS // per_cell)
     out_flat = out_zyx.reshape(-1)
+    chunks = []  # (cells, their voxels): the cells that fit the narrowed blocks, then the few wide ones
+    narrow = [narrowed(v) for v in voxels]
+    fits = np.ones(len(where), bool)
+    for c, (_, fit) in zip(np.unravel_index(where, cells.shape), narrow, strict=True):
+        fits &= fit[c]
+    for group, group_voxels in ((where[fits], [n for n, _ in narrow]), (where[~fits], voxels)):
+        step = max(16, _CHUNK_VOXELS // int(np.prod([v.weight.shape[1] for v in group_voxels])))
+        chunks += [(group[i : i + step], group_voxels) for i in range(0, len(group), step)]
 
-    def chunk(start: int) -> None:  # cells are disjoint: chunks write disjoint voxels, in threads
-        label_mixed_cells(cells, where[start : start + step], table, rows, voxels, out_flat)
+    def chunk(item) -> None:  # cells are disjoint: chunks write disjoint voxels, in threads
+        some_cells, their_voxels = item
+        label_mixed_cells(cells, some_cells, table, rows, their_voxels, out_flat)
 
-    in_threads(chunk, range(0, len(where), step))
+    in_threads(chunk, chunks)
     check_implied_grid(vmap, grid, out_zyx, image, what="restored probabilities")
     out = sitk.GetImageFromArray(out_zyx)
     out.CopyInformation(image)

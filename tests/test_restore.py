@@ -378,6 +378,19 @@ def test_corner_rows_of_chosen_cells_equal_the_rows_of_the_whole_padded_box(star
     assert (got == len(probs.values)).any() and (got > len(probs.values)).any() and (got < len(probs.values)).any()
 
 
+def test_mixed_cells_are_computed_as_thick_as_their_own_voxels_not_the_clamped_edge_cells():
+    # slice spacing = the model's: one input slice per cell along z, but the clamped last cell holds two
+    n = 12
+    vmap = geometry.VoxelMap((0, 1, 2), (0.0, 0.0, 0.0), (1.0, 1.0, 2.5), (1.0, 1.0, 2.5), (4, 4, n), (4, 4, n))
+    along_z = restore.cell_axis(vmap, 2, slice(0, n))
+    voxels = restore.cell_voxels(along_z, n, 16)
+    assert voxels.valid.shape[1] == 2 and voxels.valid.sum(axis=1).tolist() == [1] * (n - 2) + [2, 0]
+    narrow, fits = restore.narrowed(voxels)
+    assert narrow.valid.shape[1] == 1 and fits.tolist() == [True] * (n - 2) + [False, True]
+    np.testing.assert_array_equal(narrow.offset[fits], voxels.offset[fits, :1])
+    np.testing.assert_array_equal(narrow.weight[fits], voxels.weight[fits, :1])
+
+
 def test_labels_are_the_argmax_of_the_stored_probabilities_at_ties():
     scores = np.full((3, NUM_CLASSES, 16, 16), -30.0, np.float32)
     scores[:, 0] = 0.0
