@@ -16,6 +16,7 @@ docs/PERFORMANCE.md), and the container pays the start once per case.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import sys
@@ -226,6 +227,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+KEEP_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Serve large arrays from one heap and keep freed memory for the next ones (glibc; False elsewhere).
+
+    By default glibc maps every array over 128 kB-32 MB afresh and unmaps it when freed, so each temporary of a case
+    (the network's 44 MB score batches, restore's chunks, ...) is page-faulted and zeroed by the kernel anew: on
+    the bench CT (512 x 512 x 200, docs/PERFORMANCE.md) 264k page faults and 1.3-1.6 s of system CPU per case; with
+    this, 111k and 0.6 s, and 0.1 s less peak RSS (one arena instead of one per thread). Up to `KEEP_BYTES` freed at
+    the heap's top stays mapped between cases.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc: its allocator as it is
+    settings = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, KEEP_BYTES), (M_TRIM_THRESHOLD, KEEP_BYTES))
+    return all([mallopt(param, value) == 1 for param, value in settings])
+
+
 def _check_choices(args: argparse.Namespace) -> None:
     for option, choices in (("device", DEVICES), ("postprocess", POSTPROCESS_CHOICES), ("restore", RESTORE_CHOICES),
                             ("precision", PRECISIONS)):  # fmt: skip
@@ -236,6 +259,7 @@ def _check_choices(args: argparse.Namespace) -> None:
 def predict(args: argparse.Namespace) -> int:
     """Segment every CT in args.input_dir into args.output_dir; the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    keep_freed_memory()  # before the first large array and the first thread
     import SimpleITK as sitk
 
     sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's header warnings are noise; refusals say why
