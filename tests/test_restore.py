@@ -172,10 +172,14 @@ def test_slab_and_shortcut_path_equals_full_volume_interpolation(name, noise):
     where = np.flatnonzero(cells == restore.MIXED)
     stored = StoredProbabilities.dense(probs)
     rows = restore.CornerRows.of(stored, labels, (slice(None),) * 3, labels.shape)
-    corners = restore.corner_values(stored.table(), rows, where)
-    general = restore.candidates(corners)[2]
-    # every path runs: uniform cells, two-candidate cells, cells of three or more
+    corner_rows = rows(where)
+    table = restore.RowTable.of(stored.table())
+    settled = restore.two_label_cells(table, corner_rows)[2]
+    general = restore.candidates(table.values[corner_rows])[2]
+    # every path runs: uniform cells, two-candidate cells, cells of three or more; two labels settled from the
+    # labels' own probabilities, and the others from all 14
     assert (cells != restore.MIXED).sum() > 100 and (~general).sum() > 100 and general.sum() > 10
+    assert settled.sum() > 100 and (~settled & ~general).sum() > 10
     got = sitk.GetArrayFromImage(restore_linear(probs, prepared))
     expected, gap = itk_reference(probs, prepared)
     differ = got != expected
