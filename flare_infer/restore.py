@@ -18,8 +18,8 @@ Linear never holds a 14-class volume at the input's resolution, and interpolates
             and every mean of two, lies between its corners' extremes); in most mixed cells two classes remain,
             and the sign of their difference, interpolated from 8 numbers, decides. Most cells are settled from
             their corners' two labels alone (`two_label_cells`), the rest from all 14 probabilities of their
-            corners (`candidates`). Cells with three or more
-            candidates: all 14 probabilities, argmax. Mixed cells are processed in chunks, each cell with the
+            corners (`candidates`). Cells with three or more candidates: all 14 probabilities, argmax.
+            Mixed cells are processed in chunks, each cell with the
             block of input voxels inside it (per axis the voxels whose floor is the cell: a Cartesian product),
             so the interpolation is a few array operations per chunk, and the labels are written by index.
             Blocks are as wide as all but the two widest cells per axis need (`narrowed`): the clamped cells at
@@ -271,12 +271,12 @@ def label_mixed_cells(cells_zyx, where, table: RowTable, corner_rows: CornerRows
     flat = vz.offset[cz][:, :, None, None] + vy.offset[cy][:, None, :, None] + vx.offset[cx][:, None, None, :]
     valid = vz.valid[cz][:, :, None, None] & vy.valid[cy][:, None, :, None] & vx.valid[cx][:, None, None, :]
     rows = corner_rows(where)  # (8, M)
-    first, last, decided = two_label_cells(table, rows)
+    first, last, settled = two_label_cells(table, rows)
     first, last = first.astype(np.int64), last.astype(np.int64)
     general = np.zeros(len(where), bool)
-    if not decided.all():  # a third label, or a third class that may win: every class's corner values
-        corners = table.values[rows[:, ~decided]]  # (8, U, 14)
-        first[~decided], last[~decided], general[~decided] = candidates(corners)
+    if not settled.all():  # a third label, or a third class that may win: every class's corner values
+        corners = table.values[rows[:, ~settled]]  # (8, U, 14)
+        first[~settled], last[~settled], general[~settled] = candidates(corners)
     diff = (table.at(rows, first) - table.at(rows, last)).T.reshape(-1, 2, 2, 2)  # (M, dz, dy, dx)
     d = trilinear(diff, w_z, w_y, w_x)  # (M, kz, ky, kx)
     labels = np.where(d >= 0, first[:, None, None, None], last[:, None, None, None]).astype(np.uint8)  # ties: lower
