@@ -237,9 +237,9 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps every array over 128 kB-32 MB afresh and unmaps it when freed, so each temporary of a case
     (the network's 44 MB score batches, restore's chunks, ...) is page-faulted and zeroed by the kernel anew: on
-    the bench CT (512 x 512 x 200, docs/PERFORMANCE.md) 264k page faults and 1.3-1.6 s of system CPU per case; with
-    this, 111k and 0.6 s, and 0.1 s less peak RSS (one arena instead of one per thread). Up to `KEEP_BYTES` freed at
-    the heap's top stays mapped between cases.
+    the bench CT (512 x 512 x 200, docs/PERFORMANCE.md) 264k page faults and 1.1-2.0 s of system CPU per case; with
+    this, 119k and 0.7-0.9 s, and 45 MB less peak RSS (one arena instead of one per thread). Up to `KEEP_BYTES` freed
+    at the heap's top stays mapped between cases.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt

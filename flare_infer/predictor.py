@@ -84,6 +84,9 @@ def probabilities(scores_nkhw: np.ndarray, output: str) -> np.ndarray:
     return e
 
 
+_ARGMAX_SLICES = 2  # slices per argmax block (argmax_planes)
+
+
 def argmax_planes(scores_nkhw: np.ndarray) -> np.ndarray:
     """uint8 argmax over axis 1 (first on ties, as numpy's), plane by plane: 10x faster than argmax(axis=1).
 
@@ -94,9 +97,6 @@ def argmax_planes(scores_nkhw: np.ndarray) -> np.ndarray:
     for i in range(0, len(scores_nkhw), _ARGMAX_SLICES):
         labels[i : i + _ARGMAX_SLICES] = _first_max(scores_nkhw[i : i + _ARGMAX_SLICES])
     return labels
-
-
-_ARGMAX_SLICES = 2
 
 
 def _first_max(scores_nk: np.ndarray) -> np.ndarray:

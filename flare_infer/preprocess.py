@@ -115,9 +115,10 @@ def _holes_in_plane(mask_zyx: np.ndarray) -> np.ndarray:
     background = ~mask_zyx[region]
     z, y, x = background.shape
     stacked, n = label_components(background.reshape(z * y, x))
-    is_hole = ~_reaches_the_edge(stacked.reshape(z, y, x), n)
+    components = stacked.reshape(z, y, x)
+    is_hole = ~_reaches_the_edge(components, n)
     is_hole[0] = False
-    holes[region] = is_hole[stacked.reshape(z, y, x)]
+    holes[region] = is_hole[components]
     return holes
 
 
