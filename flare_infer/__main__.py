@@ -249,6 +249,26 @@ def keep_freed_memory() -> bool:
     return all([mallopt(param, value) == 1 for param, value in settings])
 
 
+def no_huge_pages_for_numpy() -> bool:
+    """Stop numpy advising transparent huge pages for its arrays; False where this numpy has no such switch.
+
+    On Linux numpy asks the kernel for 2 MB pages (madvise) for every array of 4 MB or more. Where the kernel gives
+    them only on such advice (`/sys/kernel/mm/transparent_hugepage/enabled` and `defrag` both `madvise`, as on the
+    development machine, a VM) each first touch of one zeroes 2 MB and may compact memory first: on the bench CT
+    (docs/PERFORMANCE.md) 1.2-1.5 s of system CPU per case with the advice, 0.6-0.7 s without, and 0.6 s less wall.
+    The same as NUMPY_MADVISE_HUGEPAGE=0, which numpy reads only when first imported.
+    """
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage  # numpy 2
+    except ImportError:
+        try:
+            from numpy.core.multiarray import _set_madvise_hugepage  # numpy 1.20-1.26
+        except ImportError:
+            return False
+    _set_madvise_hugepage(False)
+    return True
+
+
 def _check_choices(args: argparse.Namespace) -> None:
     for option, choices in (("device", DEVICES), ("postprocess", POSTPROCESS_CHOICES), ("restore", RESTORE_CHOICES),
                             ("precision", PRECISIONS)):  # fmt: skip
@@ -260,6 +280,7 @@ def predict(args: argparse.Namespace) -> int:
     """Segment every CT in args.input_dir into args.output_dir; the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     keep_freed_memory()  # before the first large array and the first thread
+    no_huge_pages_for_numpy()
     import SimpleITK as sitk
 
     sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's header warnings are noise; refusals say why

@@ -151,11 +151,44 @@ def test_predict_sets_the_allocator_before_reading(tmp_path, model, monkeypatch)
 
     order = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: order.append("allocator"))
+    monkeypatch.setattr(cli, "no_huge_pages_for_numpy", lambda: order.append("pages"))
     monkeypatch.setattr(io.ReadAhead, "schedule", lambda self, path: order.append("read"))
     write_good_inputs(tmp_path / "in")
     with pytest.raises(SystemExit):
         cli.app(["predict", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(model)])
-    assert order[:2] == ["allocator", "read"]
+    assert order[:3] == ["allocator", "pages", "read"]
+
+
+HUGE_PAGES_OF_ARRAYS = """
+import sys
+import numpy as np
+from flare_infer.__main__ import no_huge_pages_for_numpy
+
+if sys.argv[1] == "off":
+    assert no_huge_pages_for_numpy()
+arrays = [np.ones(64 << 20, np.uint8) for _ in range(2)]  # 128 MB, every page touched
+with open("/proc/self/smaps_rollup") as f:
+    print(next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages")))
+"""
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(
+    not (THP_MODE.is_file() and "[madvise]" in THP_MODE.read_text()),
+    reason="the kernel gives transparent huge pages on advice only in 'madvise' mode",
+)
+def test_predict_asks_no_huge_pages_for_its_arrays():
+    def huge_page_kib(mode: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+        result = subprocess.run([sys.executable, "-c", HUGE_PAGES_OF_ARRAYS, mode],
+                                capture_output=True, text=True, cwd=REPO, env=env, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        return int(result.stdout)
+
+    advised = huge_page_kib("default")  # numpy's own advice: most of the 128 MB as 2 MB pages
+    if advised == 0:
+        pytest.skip("the kernel gave numpy's advised arrays no huge page here: nothing to show")
+    assert huge_page_kib("off") == 0
 
 
 def test_predict_sh_keeps_relative_paths_of_the_caller(tmp_path, model):
