@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from flare_infer import io
 from flare_infer.postprocess import POSTPROCESS_CHOICES
@@ -324,5 +325,24 @@ def app(argv: list[str] | None = None) -> None:
     sys.exit(predict(args))
 
 
+def exit_now(code: int | str | None) -> NoReturn:
+    """Exit as `sys.exit(code)` would, with the logs and streams flushed, without the interpreter's teardown.
+
+    The teardown frees every object of the last case (the CT, its resampled copy, the mask, the session) one by
+    one, only for the kernel to drop the whole memory anyway: 0.16 s against 0.09 s from the last line to the
+    exit status on the bench CT (5 runs each, by hand, docs/PERFORMANCE.md). Every file is written and closed before.
+    """
+    if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        exit_now(e.code)

@@ -232,3 +232,28 @@ def test_device_cuda_without_cuda_is_a_usage_error(tmp_path, model):
     write_good_inputs(tmp_path / "in")
     result = run_cli("predict", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(model), "--device", "cuda")
     assert result.returncode == 2 and "CUDA" in result.stderr, result.stderr
+
+
+EXIT_NOW = """
+import atexit, logging, logging.handlers, sys
+from flare_infer.__main__ import exit_now
+
+held = logging.handlers.MemoryHandler(100, target=logging.StreamHandler(sys.stderr))  # emits when flushed or closed
+logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[held])
+atexit.register(lambda: print(" teardown ran"))
+print("written", end="")  # no newline: still in the buffer of a pipe
+logging.getLogger("flare_infer").info("logged")
+exit_now(int(sys.argv[1]) if sys.argv[1].isdigit() else None if sys.argv[1] == "None" else sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize(("code", "status"), [("0", 0), ("3", 3), ("None", 0), ("a reason", 1)])
+def test_the_command_exits_with_its_status_and_output_and_skips_the_teardown(code, status):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as on a pipe
+    result = subprocess.run([sys.executable, "-c", EXIT_NOW, code], capture_output=True, text=True, cwd=REPO,
+                            env=env, timeout=120)  # fmt: skip
+    assert result.returncode == status
+    assert result.stdout == "written"  # flushed; the atexit handler (the interpreter's teardown) never ran
+    assert "logged" in result.stderr
+    assert ("a reason" in result.stderr) == (code == "a reason")
+
