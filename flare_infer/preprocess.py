@@ -54,9 +54,9 @@ def find_body(vol_hu_zyx: np.ndarray, spacing_xyz: tuple[float, float, float]) -
     if region is None:
         notes.append("no body found (no voxel above -500 HU inside the field of view): the mask is all background")
         return Body(np.zeros(vol_hu_zyx.shape, bool), (slice(0, 0),) * 3, padding_hu, tuple(notes))
-    components, _ = label_components(dense[region])
+    components, n = label_components(dense[region])
     mask = np.zeros(vol_hu_zyx.shape, bool)
-    mask[region] = components == _largest(components)
+    mask[region] = components == _largest(components, n)
     mask |= _holes_in_plane(mask)  # lungs and bowel gas
     return Body(mask, _box(mask, spacing_xyz), padding_hu, tuple(notes))
 
@@ -73,14 +73,21 @@ def label_components(mask_zyx: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(labels.max(initial=0))
 
 
-def _largest(components_zyx: np.ndarray) -> int:
-    """The label of the largest component; on a tie, the one met first in C order (scipy's numbering's pick)."""
-    sizes = np.bincount(components_zyx.ravel())
+def _largest(components_zyx: np.ndarray, n: int) -> int:
+    """The label of the largest of components 1..n; on a tie, the one met first in C order (scipy's numbering's pick).
+
+    Counted a slab at a time: bincount casts its input to int64, and a whole-volume cast is 8 bytes per voxel of
+    memory touched for the first time (page faults cost 4-9 us each on the development VM, docs/PERFORMANCE.md).
+    """
+    flat = components_zyx.reshape(-1)
+    sizes = np.zeros(n + 1, np.int64)
+    step = 1 << 20
+    for start in range(0, flat.size, step):
+        sizes += np.bincount(flat[start : start + step], minlength=n + 1)
     sizes[0] = 0
     tied = np.flatnonzero(sizes == sizes.max())
     if len(tied) == 1:
         return int(tied[0])
-    flat = components_zyx.ravel()
     return int(min(tied, key=lambda c: int(np.argmax(flat == c))))
 
 

@@ -332,6 +332,14 @@ def test_of_two_equal_largest_parts_the_body_is_the_one_met_first_in_memory_orde
     assert body.mask_zyx[5, 20, 40] and not body.mask_zyx[5, 20, 10]
 
 
+def test_the_largest_part_wins_when_the_volume_is_counted_in_parts():
+    hu = np.full((128, 100, 100), -1000.0, np.float32)  # the labelled box: 1.28 M voxels, counted per 1 M
+    hu[0:64, 0:40, 0:40] = 40.0  # the larger part, all in the first million voxels
+    hu[90:128, 60:100, 60:100] = 40.0  # the smaller one, most of it in the last part counted
+    body = find_body(hu, (3.0, 3.0, 4.0))
+    assert body.mask_zyx[30, 20, 20] and not body.mask_zyx[110, 80, 80]
+
+
 def test_predicting_does_not_import_scipy(tmp_path):
     """scipy's import costs about 0.5 s of CPU per process (docs/PERFORMANCE.md); only lcc clean-up, FOV padding at or
     above -500 HU and evaluation need it."""
