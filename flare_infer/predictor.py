@@ -239,12 +239,12 @@ def predict_slices(predict_batch: PredictBatch, vol_zyx: np.ndarray, config: Sli
     confidence = np.zeros((depth, h, w), np.float16) if "confidence" in config.outputs else None
     store = _BoundaryStore(labels, config.output) if "probabilities" in config.outputs else None
 
-    def reduce(start: int, z: np.ndarray, padded: np.ndarray) -> None:  # (n, 14, H16, W16) scores
+    def reduce(start: int, z: np.ndarray, padded: np.ndarray, done: int) -> None:  # (n, 14, H16, W16) scores
         scores = padded[:, :, :h, :w]
         if confidence is not None:
             labels[z], confidence[z] = labels_and_confidence(scores, config.output)
         else:
-            labels[z] = argmax_planes(scores)
+            labels[z[done:]] = argmax_planes(scores[done:])  # the first `done` slices' labels are there already
         if store is not None:
             store.add(start, padded)
 
@@ -258,9 +258,14 @@ def predict_slices(predict_batch: PredictBatch, vol_zyx: np.ndarray, config: Sli
             batch = np.ascontiguousarray(pad_slices(batch), dtype=np.float32)  # (n', C, H16, W16)
             scores = predict_batch(batch)  # (n', 14, H16, W16)
             _check_scores(scores, len(z), h, w)
+            # The argmax of the first half of the slices here, while the worker still reduces the previous batch: the
+            # two threads then share a batch's reduction about evenly (the labels-only path: pseudo-labels' confidence
+            # needs the worker's whole pass)
+            done = len(z) // 2 if confidence is None else 0
+            labels[z[:done]] = argmax_planes(scores[:done, :, :h, :w])
             if reducing is not None:
                 reducing.result()  # re-raises its exception here
-            reducing = worker.submit(reduce, start, z, scores[: len(z)])
+            reducing = worker.submit(reduce, start, z, scores[: len(z)], done)
         if reducing is not None:
             reducing.result()
     results = {"labels": labels, "confidence": confidence, "probabilities": store.finish() if store else None}
