@@ -190,6 +190,15 @@ class RowTable:
         others[np.arange(len(values)), label] = -np.inf
         return cls(values, label.astype(np.uint8), others.max(axis=1, initial=-np.inf))
 
+    @classmethod
+    def of_stored(cls, probs: StoredProbabilities) -> RowTable:
+        """The table of `probs`, its labels and second largest values taken from `probs.top_two` where it has them."""
+        if probs.top_two is None:
+            return cls.of(probs.table())
+        label, second = probs.top_two  # then the table's 14 certain rows: class k, every other class 0
+        return cls(probs.table(), np.concatenate([label, np.arange(NUM_CLASSES, dtype=np.uint8)]),
+                   np.concatenate([second, np.zeros(NUM_CLASSES, np.float32)]))  # fmt: skip
+
     def at(self, rows: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """float32 `values[rows, classes]` (broadcast), by flat index: one gather."""
         return np.take(self.values.reshape(-1), rows.astype(np.int64) * self.values.shape[1] + classes)
@@ -332,7 +341,7 @@ def probabilities_to_image_grid(
         k = 2 - vmap.axes[a]
         voxels[k] = cell_voxels(ax, cells.shape[k], out_strides[2 - a])
     where = np.flatnonzero(cells == MIXED)
-    table = RowTable.of(probabilities.table())
+    table = RowTable.of_stored(probabilities)
     rows = CornerRows.of(probabilities, labels_zyx, box_in_region, labels.shape)
     out_flat = out_zyx.reshape(-1)
     chunks = []  # (cells, their voxels): the cells that fit the narrowed blocks, then the few wide ones
@@ -362,3 +371,6 @@ def drop_removed(probabilities: StoredProbabilities, labels_zyx: np.ndarray, cle
     if len(rows):
         probabilities.values[rows] = 0
         probabilities.values[rows, 0] = 1
+        if probabilities.top_two is not None:
+            label, second = probabilities.top_two
+            label[rows], second[rows] = 0, 0

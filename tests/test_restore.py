@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from flare_infer import geometry, pipeline, restore
 from flare_infer.geometry import Grid, GridMismatchError
 from flare_infer.labels import NUM_CLASSES
-from flare_infer.predictor import SliceConfig, StoredProbabilities, predict_slices, stored_rows
+from flare_infer.predictor import SliceConfig, StoredProbabilities, predict_slices, stored_rows, top_two
 from flare_infer.spec import ModelSpec
 
 SPEC = ModelSpec(spacing_xyz_mm=(3.0, 3.0, 4.0))
@@ -184,6 +184,30 @@ def test_slab_and_shortcut_path_equals_full_volume_interpolation(name, noise):
     expected, gap = itk_reference(probs, prepared)
     differ = got != expected
     assert not (differ & (gap > TIE)).any(), f"{(differ & (gap > TIE)).sum()} of {got.size} voxels differ"
+
+
+def test_the_stores_labels_and_second_largest_values_are_those_of_the_table_rows():
+    values = np.random.default_rng(0).integers(0, 4, (5000, NUM_CLASSES)).astype(np.float32) / 3  # many ties
+    label, second = top_two(np.ascontiguousarray(values.T))
+    table = restore.RowTable.of(values)
+    assert (values == values.max(axis=1, keepdims=True)).sum(axis=1).max() > 1
+    np.testing.assert_array_equal(label, table.label)
+    np.testing.assert_array_equal(second, table.second)
+
+
+def test_the_restores_table_from_the_stores_top_two_is_the_table_computed_afresh():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, (6, NUM_CLASSES, 16, 16)).astype(np.float32)
+    labels, stored = predict_slices(lambda batch: logits[batch[:, 0, 0, 0].astype(int)],
+                                    np.broadcast_to(np.arange(6, dtype=np.float32)[:, None, None], (6, 16, 16)),
+                                    SliceConfig(batch_size=4, outputs=("labels", "probabilities")))  # fmt: skip
+    removed = labels.copy()
+    removed[2:4] = 0  # as post-processing removing components there
+    restore.drop_removed(stored, labels, removed)
+    assert stored.top_two is not None and len(stored.values) > 100
+    given, afresh = restore.RowTable.of_stored(stored), restore.RowTable.of(stored.table())
+    np.testing.assert_array_equal(given.label, afresh.label)
+    np.testing.assert_array_equal(given.second, afresh.second)
 
 
 # ------------------------------------------------------------------------------------------------- exact grids
