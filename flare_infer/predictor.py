@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -141,6 +141,8 @@ class StoredProbabilities:
     # per row, where the builder computed them with the values: its label (argmax, first on ties) and second largest
     # value, (uint8 (M,), float32 (M,)); kept true by whoever changes `values` (`flare_infer.restore.drop_removed`)
     top_two: tuple[np.ndarray, np.ndarray] | None = None
+    # (M + 14, 14), where the builder made it: `values` is its first M rows (a view), so `table()` copies nothing
+    whole_table: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -155,6 +157,8 @@ class StoredProbabilities:
 
     def table(self) -> np.ndarray:
         """float32 (M + 14, 14): the stored values, then one certain row per class (`table_rows`)."""
+        if self.whole_table is not None:
+            return self.whole_table
         return np.concatenate([self.values, np.eye(NUM_CLASSES, dtype=np.float32)])
 
     def table_rows(self, labels_zyx: np.ndarray) -> np.ndarray:
@@ -228,7 +232,8 @@ class _BoundaryStore:
         if not self.values:
             return StoredProbabilities(self.row, np.zeros((0, NUM_CLASSES), np.float32))
         top = tuple(np.concatenate(parts) for parts in zip(*self.labels_seconds, strict=True))
-        return StoredProbabilities(self.row, np.concatenate(self.values), top)
+        table = np.concatenate([*self.values, np.eye(NUM_CLASSES, dtype=np.float32)])
+        return StoredProbabilities(self.row, table[:-NUM_CLASSES], top, table)
 
     def _store(self, z0: int, scores_nkhw: np.ndarray) -> None:
         n = len(scores_nkhw)

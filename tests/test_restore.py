@@ -208,6 +208,9 @@ def test_the_restores_table_from_the_stores_top_two_is_the_table_computed_afresh
     given, afresh = restore.RowTable.of_stored(stored), restore.RowTable.of(stored.table())
     np.testing.assert_array_equal(given.label, afresh.label)
     np.testing.assert_array_equal(given.second, afresh.second)
+    # the store's table is its values, changed in place by drop_removed, and the certain rows, without a copy
+    np.testing.assert_array_equal(stored.table(), np.concatenate([stored.values, np.eye(NUM_CLASSES)]))
+    assert np.shares_memory(stored.table(), stored.values)
 
 
 # ------------------------------------------------------------------------------------------------- exact grids
