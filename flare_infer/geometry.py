@@ -172,6 +172,21 @@ def canonical_resample_ct(image: sitk.Image, spacing_xyz: tuple[float, float, fl
     return out
 
 
+class _ImageVoxels:
+    """What numpy views (`__array_interface__`) when it wraps an image's voxels: holding the image keeps them alive."""
+
+    def __init__(self, image: sitk.Image) -> None:
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+
+
+def array_view(image: sitk.Image) -> np.ndarray:
+    """A read-only (Z, Y, X) numpy view of `image`'s voxels that keeps the image alive: no copy, unlike
+    `sitk.GetArrayFromImage`, and valid after the image's last other reference is gone, unlike
+    `sitk.GetArrayViewFromImage` (the view's base holds the image)."""
+    return np.asarray(_ImageVoxels(image))
+
+
 def in_threads(fn, items) -> None:
     """`fn(item)` for every item, in ITK's number of threads (`--threads`; numpy releases the GIL while it works)."""
     items = list(items)

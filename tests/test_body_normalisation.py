@@ -340,6 +340,21 @@ def test_the_largest_part_wins_when_the_volume_is_counted_in_parts():
     assert body.mask_zyx[30, 20, 20] and not body.mask_zyx[110, 80, 80]
 
 
+def test_a_view_of_an_images_voxels_outlives_every_other_reference_to_the_image():
+    import gc
+
+    import SimpleITK as sitk
+
+    from flare_infer.geometry import array_view
+
+    expected = np.arange(64 * 64 * 16, dtype=np.uint32).reshape(16, 64, 64)
+    view = array_view(sitk.GetImageFromArray(expected))  # the image's only reference is the view's
+    gc.collect()
+    others = [sitk.Image([64, 64, 16], sitk.sitkUInt32) + 7 for _ in range(8)]  # would reuse freed voxels
+    np.testing.assert_array_equal(view, expected)
+    assert not view.flags.writeable and len(others) == 8
+
+
 def test_predicting_does_not_import_scipy(tmp_path):
     """scipy's import costs about 0.5 s of CPU per process (docs/PERFORMANCE.md); only lcc clean-up, FOV padding at or
     above -500 HU and evaluation need it."""
