@@ -9,6 +9,7 @@ to interpolation. Used by `flare_infer.pipeline`.
 
 from __future__ import annotations
 
+import ctypes
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -153,23 +154,43 @@ def canonical_resample_ct(image: sitk.Image, spacing_xyz: tuple[float, float, fl
     # ITK's number of threads (`--threads`). Shrinking axis first (less work afterwards); on ties the gather along
     # x first, on the narrower int16 data. Both measured: docs/PERFORMANCE.md, "Pipeline stages". Input z last.
     in_plane = sorted((0, 1), key=lambda a: (ratios[a], a))
-    out = np.empty((vol.shape[0], len(cont[1]), len(cont[0])), np.float32)
+    resampled = sitk.Image([int(n) for n in grid.size_xyz], sitk.sitkFloat32)
+    voxels = _voxels_to_fill(resampled)
+    # numpy axis 2 - a now runs along grid axis axes[a]; grid numpy axis j is grid axis 2 - j
+    order = [2 - axes.index(2 - j) for j in range(3)]
+    # An axial input (flips are in `cont`): the last interpolation writes the image's own voxels, instead of a
+    # volume that GetImageFromArray then copies (on the bench CT 15k page faults and a copy of 60 MB less)
+    direct = order == [0, 1, 2]
+    z_kept = _same_positions(cont[2], vol.shape[0])
+    planes = voxels if direct and z_kept else np.empty((vol.shape[0], len(cont[1]), len(cont[0])), np.float32)
 
     def in_plane_slab(z0: int) -> None:
         slab = vol[z0 : z0 + _SLAB]
         for a in in_plane:
             slab = _interp_axis(slab, 2 - a, cont[a], outside)
-        out[z0 : z0 + _SLAB] = slab
+        planes[z0 : z0 + _SLAB] = slab
 
     in_threads(in_plane_slab, range(0, vol.shape[0], _SLAB))
-    vol = _interp_z(out, cont[2], outside)
-    # numpy axis 2 - a now runs along grid axis axes[a]; grid numpy axis j is grid axis 2 - j
-    order = [2 - axes.index(2 - j) for j in range(3)]
-    out = sitk.GetImageFromArray(np.ascontiguousarray(vol.transpose(order), np.float32))
-    out.SetOrigin(grid.origin_xyz)
-    out.SetSpacing(grid.spacing_xyz)
-    out.SetDirection(grid.direction)
-    return out
+    vol = planes if z_kept else _interp_z(planes, cont[2], outside, into=voxels if direct else None)
+    if not direct:
+        voxels[...] = vol.transpose(order)
+    resampled.SetOrigin(grid.origin_xyz)
+    resampled.SetSpacing(grid.spacing_xyz)
+    resampled.SetDirection(grid.direction)
+    return resampled
+
+
+def _voxels_to_fill(image: sitk.Image) -> np.ndarray:
+    """A writable (Z, Y, X) numpy view of a new image's voxels, to fill it in place; valid while the caller holds
+    `image`. SimpleITK offers read-only views only, and GetImageFromArray copies."""
+    view = sitk.GetArrayViewFromImage(image)  # MakeUnique first: the voxels are this image's alone
+    memory = (ctypes.c_byte * view.nbytes).from_address(view.ctypes.data)
+    return np.frombuffer(memory, view.dtype).reshape(view.shape)
+
+
+def _same_positions(cont: np.ndarray, n: int) -> bool:
+    """Whether continuous indices `cont` are exactly the voxels 0..n-1 of an axis of n (> 1): nothing to interpolate."""
+    return n > 1 and len(cont) == n and np.array_equal(cont, np.arange(n))
 
 
 class _ImageVoxels:
@@ -199,12 +220,9 @@ def in_threads(fn, items) -> None:
         list(pool.map(fn, items))  # list(): re-raises an item's exception here
 
 
-def _interp_z(vol: np.ndarray, cont: np.ndarray, outside: float) -> np.ndarray:
-    """`_interp_axis(vol, 0, cont, outside)` in blocks of rows (numpy axis 1), in threads."""
-    lo = np.floor(cont)
-    if vol.shape[0] > 1 and np.array_equal(lo, np.arange(len(cont))) and not (cont - lo).any():
-        return vol  # the same slice positions: nothing to interpolate
-    out = np.empty((len(cont), *vol.shape[1:]), np.float32)
+def _interp_z(vol: np.ndarray, cont: np.ndarray, outside: float, into: np.ndarray | None = None) -> np.ndarray:
+    """`_interp_axis(vol, 0, cont, outside)` in blocks of rows (numpy axis 1), in threads; into `into` if given."""
+    out = np.empty((len(cont), *vol.shape[1:]), np.float32) if into is None else into
     rows = max(1, (1 << 21) // max(1, vol.shape[0] * vol.shape[2] * 4))  # about 2 MB of input per block
 
     def block(y0: int) -> None:

@@ -288,6 +288,21 @@ def test_fast_canonical_resampling_equals_dicomorient_then_itk_linear(name):
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(fast), sitk.GetArrayViewFromImage(itk), atol=0.05)
 
 
+@pytest.mark.parametrize("slice_factor", [1.0, 0.99])  # the model's slice spacing; 1 % off it: as many slices
+@pytest.mark.parametrize("name", ["identity_int16", "flipped_ras_int32", "permuted_sagittal_float32"])
+def test_fast_canonical_resampling_equals_itk_where_the_input_has_about_the_models_slice_spacing(name, slice_factor):
+    size_xyz, spacing_xyz, direction, dtype = GEOMETRIES[name]
+    slice_axis = int(np.abs(np.asarray(direction)[2]).argmax())  # the input axis along z (LPS)
+    spacing = [s * 1.0373 for s in spacing_xyz]
+    spacing[slice_axis] = SPEC.spacing_xyz_mm[2] * slice_factor
+    image = phantom_ct(size_xyz, tuple(spacing), direction, dtype)
+    fast = geometry.canonical_resample_ct(image, SPEC.spacing_xyz_mm)
+    itk = geometry.resample_ct(geometry.to_canonical(image), SPEC.spacing_xyz_mm)
+    assert Grid.of(fast).differences(Grid.of(itk), atol=1e-9) == []
+    assert fast.GetSize()[2] == image.GetSize()[slice_axis]
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(fast), sitk.GetArrayViewFromImage(itk), atol=0.05)
+
+
 def test_canonical_orientation_is_dicomorient_lps():
     image = phantom_ct(*GEOMETRIES["permuted_sagittal_float32"][:3])
     canonical = geometry.to_canonical(image)
