@@ -155,7 +155,7 @@ def canonical_resample_ct(image: sitk.Image, spacing_xyz: tuple[float, float, fl
     # x first, on the narrower int16 data. Both measured: docs/PERFORMANCE.md, "Pipeline stages". Input z last.
     in_plane = sorted((0, 1), key=lambda a: (ratios[a], a))
     resampled = sitk.Image([int(n) for n in grid.size_xyz], sitk.sitkFloat32)
-    voxels = _voxels_to_fill(resampled)
+    voxels = voxels_to_fill(resampled)
     # numpy axis 2 - a now runs along grid axis axes[a]; grid numpy axis j is grid axis 2 - j
     order = [2 - axes.index(2 - j) for j in range(3)]
     # An axial input (flips are in `cont`): the last interpolation writes the image's own voxels, instead of a
@@ -180,7 +180,7 @@ def canonical_resample_ct(image: sitk.Image, spacing_xyz: tuple[float, float, fl
     return resampled
 
 
-def _voxels_to_fill(image: sitk.Image) -> np.ndarray:
+def voxels_to_fill(image: sitk.Image) -> np.ndarray:
     """A writable (Z, Y, X) numpy view of a new image's voxels, to fill it in place; valid while the caller holds
     `image`. SimpleITK offers read-only views only, and GetImageFromArray copies."""
     view = sitk.GetArrayViewFromImage(image)  # MakeUnique first: the voxels are this image's alone

@@ -44,6 +44,7 @@ from flare_infer.geometry import (
     in_threads,
     lookup_block,
     voxel_map,
+    voxels_to_fill,
 )
 from flare_infer.labels import NUM_CLASSES
 from flare_infer.predictor import StoredProbabilities
@@ -329,7 +330,8 @@ def probabilities_to_image_grid(
     labels[box_in_region] = labels_zyx
     cells = cell_labels(labels)
     axes_xyz = [cell_axis(vmap, a, region[2 - vmap.axes[a]]) for a in range(3)]
-    out_zyx = np.empty([vmap.image_size_xyz[a] for a in (2, 1, 0)], np.uint8)
+    out = sitk.Image([int(n) for n in vmap.image_size_xyz], sitk.sitkUInt8)
+    out_zyx = voxels_to_fill(out)  # every voxel is written below, into the mask's own buffer: no copy at the end
 
     def block(z0: int) -> None:  # every voxel's cell label (MIXED in mixed cells), a few slices at a time
         out_zyx[z0 : z0 + _SLAB] = lookup_block(cells, vmap, [ax.cell for ax in axes_xyz], z0, z0 + _SLAB)
@@ -359,7 +361,6 @@ def probabilities_to_image_grid(
 
     in_threads(chunk, chunks)
     check_implied_grid(vmap, grid, out_zyx, image, what="restored probabilities")
-    out = sitk.GetImageFromArray(out_zyx)
     out.CopyInformation(image)
     return out
 
