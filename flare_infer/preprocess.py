@@ -194,23 +194,24 @@ def normalise(vol_hu_zyx: np.ndarray, norm: Normalization, body: Body | None = N
         return _window(vol_hu_zyx[box], mean - norm.n_std * std, mean + norm.n_std * std)
     if body is None:
         raise ValueError(f"normalization {norm.kind!r} needs the body: pass body=find_body(...)")
-    vol = np.where(body.mask_zyx[box], vol_hu_zyx[box], np.float32(AIR_HU)).astype(np.float32, copy=False)
     if norm.kind == "ct_window":
-        return _window(vol, *norm.window_hu)
+        return _window(vol_hu_zyx[box], *norm.window_hu, body=body.mask_zyx[box])
     inside = vol_hu_zyx[body.mask_zyx]
     mean, std = (float(inside.mean(dtype=np.float64)), float(inside.std(dtype=np.float64))) if inside.size else (0, 0)
-    return _window(vol, mean - norm.n_std * std, mean + norm.n_std * std)
+    return _window(vol_hu_zyx[box], mean - norm.n_std * std, mean + norm.n_std * std, body=body.mask_zyx[box])
 
 
-def _window(vol_zyx: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """float32 copy of `vol_zyx` mapped from [lo, hi] to [0, 1] (clipped); zeros if the range is empty."""
+def _window(vol_zyx: np.ndarray, lo: float, hi: float, body: np.ndarray | None = None) -> np.ndarray:
+    """float32 copy of `vol_zyx` mapped from [lo, hi] to [0, 1] (clipped); zeros if the range is empty. With `body`
+    (bool, the same shape), voxels outside it are taken as air (AIR_HU) first."""
     if not hi > lo:  # a constant volume: nothing to scale, every voxel is the same
         return np.zeros(vol_zyx.shape, np.float32)
     out = np.empty(vol_zyx.shape, np.float32)
     scale = np.float32(1.0 / (hi - lo))
 
     def slab(sl: slice) -> None:  # in place, slab by slab: each slab is read once and its result stays in cache
-        np.subtract(vol_zyx[sl], lo, out=out[sl], dtype=np.float32)
+        hu = vol_zyx[sl] if body is None else np.where(body[sl], vol_zyx[sl], np.float32(AIR_HU))
+        np.subtract(hu, lo, out=out[sl], dtype=np.float32)
         out[sl] *= scale
         np.clip(out[sl], 0.0, 1.0, out=out[sl])
 

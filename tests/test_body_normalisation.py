@@ -157,6 +157,21 @@ def test_ct_window_maps_the_window_to_0_1_and_outside_the_body_to_air(phantom):
     assert (~body).any() and body.any()
 
 
+def test_body_mean_std_clip_takes_its_statistics_over_the_body_and_makes_outside_it_air():
+    arr = sitk.GetArrayFromImage(_body_ct())
+    arr[arr > -500] += np.random.default_rng(0).normal(0, 30, (arr > -500).sum()).astype(np.int16)  # tissue, not one HU
+    arr[:, 50:52, 15:66] = 200  # a plate under the back, inside the box's margin (as the table test below)
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((3.0, 3.0, 4.0))
+    p = prepare(image, ModelSpec(1, (3.0, 3.0, 4.0), Normalization("body_mean_std_clip", n_std=3.0)))
+    hu = sitk.GetArrayViewFromImage(p.resampled)
+    body = find_body(hu, p.resampled.GetSpacing()).mask_zyx
+    mean, std = hu[body].astype(np.float64).mean(), hu[body].astype(np.float64).std()
+    expected = np.clip((np.where(body, hu, AIR_HU)[p.box_zyx] - (mean - 3 * std)) / (6 * std), 0, 1)
+    np.testing.assert_allclose(p.vol_zyx, expected, atol=2e-6)
+    assert (np.clip((hu[p.box_zyx] - (mean - 3 * std)) / (6 * std), 0, 1) > expected + 0.1).any()  # the plate
+
+
 def test_sidecar_records_the_window_and_rejects_a_bad_one():
     d = ModelSpec(normalization=Normalization("ct_window", window_hu=(-90.0, 770.0), stats={"cases": 30})).to_dict()
     assert d["normalization"] == {"kind": "ct_window", "window_hu": [-90.0, 770.0], "stats": {"cases": 30}}
