@@ -285,11 +285,14 @@ def predict_slices(predict_batch: PredictBatch, vol_zyx: np.ndarray, config: Sli
             batch = np.ascontiguousarray(pad_slices(batch), dtype=np.float32)  # (n', C, H16, W16)
             scores = predict_batch(batch)  # (n', 14, H16, W16)
             _check_scores(scores, len(z), h, w)
-            # The argmax of the first half of the slices here, while the worker still reduces the previous batch: the
-            # two threads then share a batch's reduction about evenly (the labels-only path: pseudo-labels' confidence
-            # needs the worker's whole pass)
-            done = len(z) // 2 if confidence is None else 0
-            labels[z[:done]] = argmax_planes(scores[:done, :, :h, :w])
+            # Where the worker still reduces the previous batch (the reduction, not the network, is the bottleneck), the
+            # argmax of the first half of the slices here meanwhile: the two threads then share a batch's reduction
+            # about evenly. Where it is done (a slower network), the worker takes the whole batch and this thread
+            # goes straight on to the next. (Labels only: the pseudo-labels' confidence needs the worker's whole pass.)
+            busy = reducing is not None and not reducing.done()
+            done = len(z) // 2 if busy and confidence is None else 0
+            if done:
+                labels[z[:done]] = argmax_planes(scores[:done, :, :h, :w])
             if reducing is not None:
                 reducing.result()  # re-raises its exception here
             reducing = worker.submit(reduce, start, z, scores[: len(z)], done)

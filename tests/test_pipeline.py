@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from flare_infer import geometry, pipeline
 from flare_infer.geometry import Grid, GridMismatchError
+from flare_infer.labels import NUM_CLASSES
 from flare_infer.postprocess import apply_postprocess
 from flare_infer.predictor import SliceConfig, StoredProbabilities, gather_batch, labels_and_confidence, predict_slices
 from flare_infer.session import load_model
@@ -307,6 +308,43 @@ def test_canonical_orientation_is_dicomorient_lps():
     image = phantom_ct(*GEOMETRIES["permuted_sagittal_float32"][:3])
     canonical = geometry.to_canonical(image)
     assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(canonical.GetDirection()) == "LPS"
+
+
+def _argmax_threads(monkeypatch, network_s: float, reduce_s: float) -> list[bool]:
+    """For each argmax call of predict_slices: whether it ran in the calling thread, with a network and a
+    reduction (the boundary store) that take the given seconds per batch."""
+    import threading
+    import time
+
+    from flare_infer import predictor
+
+    in_caller, caller, argmax, add = [], threading.get_ident(), predictor.argmax_planes, predictor._BoundaryStore.add
+
+    def recorded_argmax(scores):
+        in_caller.append(threading.get_ident() == caller)
+        return argmax(scores)
+
+    def slow_add(self, *args):
+        time.sleep(reduce_s)
+        add(self, *args)
+
+    def network(batch):
+        time.sleep(network_s)
+        return np.repeat(batch[:, :1], NUM_CLASSES, axis=1) * np.arange(NUM_CLASSES, dtype=np.float32)[:, None, None]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(predictor, "argmax_planes", recorded_argmax)
+        patch.setattr(predictor._BoundaryStore, "add", slow_add)
+        vol = np.random.default_rng(0).random((24, 16, 16)).astype(np.float32)
+        predict_slices(network, vol, SliceConfig(batch_size=4, outputs=("labels", "probabilities")))
+    return in_caller
+
+
+def test_the_calling_thread_shares_the_argmax_only_while_the_worker_is_behind(monkeypatch):
+    behind = _argmax_threads(monkeypatch, network_s=0.0, reduce_s=0.05)  # a near-free network: the worker is busy
+    assert sum(behind) >= 4  # most batches after the first: half of their argmax here
+    ahead = _argmax_threads(monkeypatch, network_s=0.05, reduce_s=0.0)  # a slow network: the worker waits
+    assert not any(ahead)
 
 
 def test_gather_batch_repeats_edge_slices():
