@@ -30,7 +30,7 @@ ENV VIRTUAL_ENV=/opt/venv \
 COPY requirements-image.txt /opt/requirements-image.txt
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/python -m pip install --no-cache-dir --only-binary=:all: -c /opt/requirements-image.txt \
-      numpy simpleitk scipy typer "${ORT_PACKAGE}" \
+      numpy simpleitk scipy typer isal "${ORT_PACKAGE}" \
  && /opt/venv/bin/python -m pip check \
  && /opt/venv/bin/python -m pip uninstall --yes --quiet setuptools pip
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from flare_infer.geometry import voxels_to_fill
+
 # 2^31 voxels (1024 x 1024 x 2048): 4 GiB as int16 before any processing; a FLARE CT has ~0.1-0.3 of that.
 MAX_VOXELS = 1024 * 1024 * 2048
 
@@ -83,12 +85,80 @@ def read_ct(path: str | Path) -> sitk.Image:
     reader = _header(path)
     check_header(reader)
     check_nifti_payload(path, reader)
-    try:
-        image = reader.Execute()
-    except RuntimeError as e:
-        raise InputError(f"voxel data unreadable, truncated or corrupt ({_first_line(e)})") from None
+    image = read_gzip_voxels(path, reader)  # None where its conditions do not hold: ITK reads
+    if image is None:
+        try:
+            image = reader.Execute()
+        except RuntimeError as e:
+            raise InputError(f"voxel data unreadable, truncated or corrupt ({_first_line(e)})") from None
     check_finite(image)
     return image
+
+
+_GZIP_INPUT_BYTES = 1 << 20  # compressed bytes per decompression call: a few MB of voxels at a time
+
+
+def read_gzip_voxels(path: Path, reader: sitk.ImageFileReader) -> sitk.Image | None:
+    """The image ITK's reader would give for a plain `.nii.gz`, its voxels decompressed by isal straight into the
+    image's buffer; None where isal is missing or the file is not plain (ITK then reads it).
+
+    ITK's NIfTI reader decompresses with zlib into a buffer of its own and copies that into the image: on the bench
+    CT (512 x 512 x 200 int16, docs/PERFORMANCE.md) 0.50-0.56 s against 0.40-0.46 s here (3 fresh processes each, by
+    hand). Plain: a little-endian NIfTI-1 header (checked in the data), 3 dimensions, no intensity scaling. The
+    header (geometry, pixel type) is ITK's own reading of it; for a header `check_header` accepts (one component,
+    a pixel type of `_ACCEPTED_PIXEL_IDS`) and no scaling, ITK's pixel type is the file's datatype, voxel for voxel.
+    """
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return None
+    keys = set(reader.GetMetaDataKeys())
+    if not path.name.endswith(".nii.gz") or not {"vox_offset", "scl_slope", "scl_inter", "dim[0]"} <= keys:
+        return None
+    slope, inter = float(reader.GetMetaData("scl_slope")), float(reader.GetMetaData("scl_inter"))
+    if int(reader.GetMetaData("dim[0]")) != 3 or slope not in (0.0, 1.0) or inter != 0.0:
+        return None
+    image = sitk.Image(reader.GetSize(), reader.GetPixelID())
+    voxels = voxels_to_fill(image).reshape(-1).view(np.uint8)
+    try:
+        filled = _inflate_into(voxels, path, skip=int(float(reader.GetMetaData("vox_offset"))), inflate=isal_zlib)
+    except isal_zlib.error as e:
+        raise InputError(f"compressed data truncated or corrupt ({e})") from None
+    if filled is None:
+        return None
+    if filled < len(voxels):
+        raise InputError(f"voxel data truncated: the header needs {len(voxels)} voxel bytes, the file holds {filled}")
+    image.SetOrigin(reader.GetOrigin())
+    image.SetSpacing(reader.GetSpacing())
+    image.SetDirection(reader.GetDirection())
+    return image
+
+
+def _inflate_into(voxels: np.ndarray, path: Path, *, skip: int, inflate) -> int | None:
+    """Decompress the gzip file `path` (one or more members), drop its first `skip` bytes (the header) and copy the
+    rest into the bytes `voxels` until full; the number of bytes copied, or None for a big-endian or NIfTI-2
+    header (its first field, sizeof_hdr, is not 348 little-endian). `inflate`: a zlib-like module (isal_zlib)."""
+    head, filled = b"", 0
+    with path.open("rb") as f:
+        stream = inflate.decompressobj(wbits=31)  # 31: gzip
+        chunk = f.read(_GZIP_INPUT_BYTES)
+        while chunk and filled < len(voxels):
+            data = stream.decompress(chunk)
+            if len(head) < 4:
+                head += data[: 4 - len(head)]
+                if len(head) == 4 and head != struct.pack("<i", 348):
+                    return None
+            dropped = min(skip, len(data))
+            skip -= dropped
+            n = min(len(data) - dropped, len(voxels) - filled)
+            if n > 0:
+                voxels[filled : filled + n] = np.frombuffer(data, np.uint8, n, dropped)
+                filled += n
+            if stream.eof and stream.unused_data:  # one gzip member ends and another follows
+                chunk, stream = stream.unused_data, inflate.decompressobj(wbits=31)
+            else:
+                chunk = f.read(_GZIP_INPUT_BYTES)
+    return filled
 
 
 # NIfTI datatype codes of float voxels -> numpy dtype without byte order

@@ -164,3 +164,108 @@ def test_list_cases_takes_nifti_files_and_skips_hidden_and_others(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "dir.nii.gz").mkdir()
     assert [p.name for p in io.list_cases(tmp_path)] == ["a.nii", "b.nii.gz"]
+
+
+# ------------------------------------------------------------------------------ voxels decompressed by isal
+_SCL_SLOPE = 112  # NIfTI-1: scl_slope float32 at 112, scl_inter at 116
+
+
+def _nii_bytes(image: sitk.Image, tmp_path: Path) -> bytes:
+    """The uncompressed NIfTI-1 file ITK writes for `image`."""
+    sitk.WriteImage(image, str(tmp_path / "plain.nii"))
+    return (tmp_path / "plain.nii").read_bytes()
+
+
+def _fast_and_itk(path: Path) -> tuple[sitk.Image | None, sitk.Image]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return io.read_gzip_voxels(path, reader), sitk.ReadImage(str(path))
+
+
+def _assert_same_image(found: sitk.Image, expected: sitk.Image) -> None:
+    assert found.GetPixelID() == expected.GetPixelID() and found.GetSize() == expected.GetSize()
+    assert (found.GetOrigin(), found.GetSpacing(), found.GetDirection()) == (
+        expected.GetOrigin(), expected.GetSpacing(), expected.GetDirection()
+    )  # fmt: skip
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(found), sitk.GetArrayViewFromImage(expected))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("direction", [None, (-1, 0, 0, 0, -1, 0, 0, 0, 1), (0, 0, 1, 0, 1, 0, -1, 0, 0)])
+def test_a_plain_nii_gz_read_through_isal_is_the_image_itk_reads(tmp_path, dtype, direction):
+    vol = (np.random.default_rng(0).normal(0, 60, (7, 33, 45)) + (100 if np.dtype(dtype).kind == "u" else 0))
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(_image(vol.astype(dtype), direction=direction), str(path), useCompression=True)
+    fast, itk = _fast_and_itk(path)
+    assert fast is not None  # isal took it
+    _assert_same_image(fast, itk)
+
+
+def test_a_nii_gz_of_two_gzip_members_is_read_whole(tmp_path):
+    raw = _nii_bytes(_image(_ct()), tmp_path)
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))  # as `cat a.gz b.gz` makes
+    fast, itk = _fast_and_itk(path)
+    assert fast is not None
+    _assert_same_image(fast, itk)
+    _assert_same_image(io.read_ct(path), itk)
+
+
+def test_bytes_after_the_voxels_are_ignored_as_itk_ignores_them(tmp_path):
+    raw = _nii_bytes(_image(_ct()), tmp_path)
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(gzip.compress(raw + bytes(range(200))))
+    fast, itk = _fast_and_itk(path)
+    assert fast is not None
+    _assert_same_image(fast, itk)
+
+
+def test_compressed_voxels_damaged_in_the_middle_are_refused_with_the_reason(tmp_path):
+    vol = np.random.default_rng(0).integers(-1000, 1000, (20, 128, 128)).astype(np.int16)  # compresses little
+    data = bytearray(gzip.compress(_nii_bytes(_image(vol), tmp_path)))
+    data[-len(data) // 4 : -len(data) // 4 + 64] = bytes(64)  # the gzip trailer (size) intact: only inflating sees it
+    path = tmp_path / "damaged.nii.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(io.InputError, match="corrupt"):
+        io.read_ct(path)
+
+
+@pytest.mark.parametrize(("slope", "inter"), [(2.0, -5.0), (2.0, 0.0), (1.0, -5.0)])
+def test_scaled_intensities_are_left_to_itk(tmp_path, slope, inter):
+    raw = bytearray(_nii_bytes(_image(_ct(dtype=np.float32).astype(np.float32)), tmp_path))
+    raw[_SCL_SLOPE : _SCL_SLOPE + 8] = struct.pack("<ff", slope, inter)  # float voxels: ITK keeps float32, scales
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    fast, itk = _fast_and_itk(path)
+    assert fast is None
+    _assert_same_image(io.read_ct(path), itk)
+    assert sitk.GetArrayViewFromImage(itk).min() == slope * -1000 + inter  # the scaling applied
+
+
+def test_a_header_of_another_byte_order_or_version_is_left_to_itk(tmp_path):
+    voxels = np.zeros(16, np.uint8)
+    for first in (struct.pack(">i", 348), struct.pack("<i", 540)):
+        path = tmp_path / "other.nii.gz"
+        path.write_bytes(gzip.compress(first + bytes(348) + bytes(range(16))))
+        assert io._inflate_into(voxels, path, skip=352, inflate=__import__("isal").isal_zlib) is None
+    path.write_bytes(gzip.compress(struct.pack("<i", 348) + bytes(348) + bytes(range(16))))
+    assert io._inflate_into(voxels, path, skip=352, inflate=__import__("isal").isal_zlib) == 16
+    assert voxels.tolist() == list(range(16))
+
+
+def test_a_4d_header_is_left_to_itk(tmp_path):
+    raw = bytearray(_nii_bytes(_image(_ct()), tmp_path))
+    raw[_DIM : _DIM + 2], raw[_DIM + 8 : _DIM + 10] = struct.pack("<h", 4), struct.pack("<h", 1)  # dim[0] 4, dim[4] 1
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    assert _fast_and_itk(path)[0] is None
+
+
+def test_without_isal_itk_reads(tmp_path, monkeypatch):
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(_image(_ct()), str(path), useCompression=True)
+    monkeypatch.setitem(__import__("sys").modules, "isal", None)  # `import isal` raises ImportError
+    fast, itk = _fast_and_itk(path)
+    assert fast is None
+    _assert_same_image(io.read_ct(path), itk)
