@@ -8,7 +8,10 @@ repeat runs every variant once, in turn (so the machine's load hits all alike); 
 variant's time per repeat are written as JSON.
 
 Reading (the result must be the same image: voxels, spacing, origin, direction):
-- `sitk`: `SimpleITK.ReadImage(NAME.nii.gz)`, ITK's own zlib (what `io.read_ct` does);
+- `sitk`: `SimpleITK.ReadImage(NAME.nii.gz)`, ITK's own zlib (what `io.read_ct` did until 2026-12-02, and does
+  where isal is missing);
+- `isal-into-image`: `flare_infer.io.read_gzip_voxels`, what `io.read_ct` does now: ITK reads the header, isal
+  inflates the voxels straight into the image's buffer (no uncompressed file, no second buffer);
 - `python-zlib`, `isal`, `zlib-ng`: the gzip stream decompressed in Python by the stdlib's `gzip`,
   `isal.igzip` or `zlib_ng.gzip_ng`, written to an uncompressed `.nii` in /dev/shm (RAM), read by ITK;
 - `zlib-ng-threaded`: as `zlib-ng`, decompressing in a second thread (`gzip_ng_threaded`).
@@ -16,7 +19,7 @@ Writing the mask (the result must decompress to the same bytes as ITK's uncompre
 - `sitk`: `SimpleITK.WriteImage(..., useCompression=True)` (what `io.write_mask` does);
 - `python-zlib-L1`, `isal-L1`, `zlib-ng-L1`, `zlib-ng-threaded-L1`: ITK writes an uncompressed `.nii` to /dev/shm, the
   library compresses it at level 1 into the final `.nii.gz` (2 threads for the threaded one).
-Needs `pip install isal zlib-ng` (not project dependencies); a variant whose library is missing is skipped.
+Needs isal (a project dependency) and `pip install zlib-ng`; a variant whose library is missing is skipped.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from bench_pipeline import generate_ct  # noqa: E402
 from machine import machine_record  # noqa: E402
+
+from flare_infer import io  # noqa: E402
 
 RAM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
@@ -99,6 +104,16 @@ def write_via_ram(mask: sitk.Image, path: Path, opener) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_into_image(path: Path) -> sitk.Image:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    image = io.read_gzip_voxels(path, reader)
+    if image is None:
+        raise RuntimeError(f"{path}: io.read_gzip_voxels did not take it (is isal installed?)")
+    return image
+
+
 def same_image(a: sitk.Image, b: sitk.Image) -> bool:
     header = all(
         np.allclose(getattr(a, g)(), getattr(b, g)(), atol=1e-9) for g in ("GetSpacing", "GetOrigin", "GetDirection")
@@ -124,7 +139,7 @@ def run(slices: int, repeats: int, work: Path) -> dict:
     sitk.WriteImage(mask, str(reference_nii), useCompression=False)
     reference_bytes = reference_nii.read_bytes()
 
-    readers = {"sitk": lambda: sitk.ReadImage(str(ct_path))}
+    readers = {"sitk": lambda: sitk.ReadImage(str(ct_path)), "isal-into-image": lambda: read_into_image(ct_path)}
     readers |= {name: (lambda o=o: read_via_ram(ct_path, o)) for name, o in _decompressors().items()}
     writers = {"sitk": lambda p: sitk.WriteImage(mask, str(p), useCompression=True)}
     writers |= {name: (lambda p, o=o: write_via_ram(mask, p, o)) for name, o in _compressors().items()}
