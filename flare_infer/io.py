@@ -95,7 +95,9 @@ def read_ct(path: str | Path) -> sitk.Image:
     return image
 
 
-_GZIP_INPUT_BYTES = 1 << 20  # compressed bytes per decompression call: a few MB of voxels at a time
+# Per decompression call: compressed bytes in, and at most so many voxel bytes out (a file of mostly one value
+# inflates a thousandfold: the copy held at once stays small)
+_GZIP_INPUT_BYTES, _GZIP_OUTPUT_BYTES = 1 << 20, 1 << 24
 
 
 def read_gzip_voxels(path: Path, reader: sitk.ImageFileReader) -> sitk.Image | None:
@@ -143,7 +145,7 @@ def _inflate_into(voxels: np.ndarray, path: Path, *, skip: int, inflate) -> int 
         stream = inflate.decompressobj(wbits=31)  # 31: gzip
         chunk = f.read(_GZIP_INPUT_BYTES)
         while chunk and filled < len(voxels):
-            data = stream.decompress(chunk)
+            data = stream.decompress(chunk, _GZIP_OUTPUT_BYTES)
             if len(head) < 4:
                 head += data[: 4 - len(head)]
                 if len(head) == 4 and head != struct.pack("<i", 348):
@@ -154,7 +156,9 @@ def _inflate_into(voxels: np.ndarray, path: Path, *, skip: int, inflate) -> int 
             if n > 0:
                 voxels[filled : filled + n] = np.frombuffer(data, np.uint8, n, dropped)
                 filled += n
-            if stream.eof and stream.unused_data:  # one gzip member ends and another follows
+            if stream.unconsumed_tail:  # more output than one call gives (a highly compressible file)
+                chunk = stream.unconsumed_tail
+            elif stream.eof and stream.unused_data:  # one gzip member ends and another follows
                 chunk, stream = stream.unused_data, inflate.decompressobj(wbits=31)
             else:
                 chunk = f.read(_GZIP_INPUT_BYTES)

@@ -212,6 +212,16 @@ def test_a_nii_gz_of_two_gzip_members_is_read_whole(tmp_path):
     _assert_same_image(io.read_ct(path), itk)
 
 
+def test_a_nii_gz_of_mostly_one_value_is_inflated_a_bounded_part_at_a_time(tmp_path):
+    vol = np.zeros((300, 256, 256), np.uint8)  # 19.7 MB of voxels in a file of about 20 kB
+    vol[150, 100:110, 100:110] = 7
+    path = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(_image(vol), str(path), useCompression=True)
+    fast, itk = _fast_and_itk(path)
+    assert fast is not None and path.stat().st_size < io._GZIP_OUTPUT_BYTES // 100
+    _assert_same_image(fast, itk)
+
+
 def test_bytes_after_the_voxels_are_ignored_as_itk_ignores_them(tmp_path):
     raw = _nii_bytes(_image(_ct()), tmp_path)
     path = tmp_path / "ct.nii.gz"
