@@ -16,7 +16,10 @@ Reading (the result must be the same image: voxels, spacing, origin, direction):
   `isal.igzip` or `zlib_ng.gzip_ng`, written to an uncompressed `.nii` in /dev/shm (RAM), read by ITK;
 - `zlib-ng-threaded`: as `zlib-ng`, decompressing in a second thread (`gzip_ng_threaded`).
 Writing the mask (the result must decompress to the same bytes as ITK's uncompressed `.nii`):
-- `sitk`: `SimpleITK.WriteImage(..., useCompression=True)` (what `io.write_mask` does);
+- `sitk`: `SimpleITK.WriteImage(..., useCompression=True)` (what `io.write_mask` did until 2026-12-02, and does
+  where isal is missing);
+- `isal-direct-L1`: `flare_infer.io.write_gzip_nifti`, what `io.write_mask` does now for a uint8 mask: ITK's header
+  (of a one-voxel image of the same geometry, its size patched) and the image's own buffer, compressed by isal;
 - `python-zlib-L1`, `isal-L1`, `zlib-ng-L1`, `zlib-ng-threaded-L1`: ITK writes an uncompressed `.nii` to /dev/shm, the
   library compresses it at level 1 into the final `.nii.gz` (2 threads for the threaded one).
 Needs isal (a project dependency) and `pip install zlib-ng`; a variant whose library is missing is skipped.
@@ -114,6 +117,11 @@ def read_into_image(path: Path) -> sitk.Image:
     return image
 
 
+def write_direct(mask: sitk.Image, path: Path) -> None:
+    if not io.write_gzip_nifti(mask, path):
+        raise RuntimeError(f"{path}: io.write_gzip_nifti did not take it (is isal installed?)")
+
+
 def same_image(a: sitk.Image, b: sitk.Image) -> bool:
     header = all(
         np.allclose(getattr(a, g)(), getattr(b, g)(), atol=1e-9) for g in ("GetSpacing", "GetOrigin", "GetDirection")
@@ -141,7 +149,8 @@ def run(slices: int, repeats: int, work: Path) -> dict:
 
     readers = {"sitk": lambda: sitk.ReadImage(str(ct_path)), "isal-into-image": lambda: read_into_image(ct_path)}
     readers |= {name: (lambda o=o: read_via_ram(ct_path, o)) for name, o in _decompressors().items()}
-    writers = {"sitk": lambda p: sitk.WriteImage(mask, str(p), useCompression=True)}
+    writers = {"sitk": lambda p: sitk.WriteImage(mask, str(p), useCompression=True),
+               "isal-direct-L1": lambda p: write_direct(mask, p)}
     writers |= {name: (lambda p, o=o: write_via_ram(mask, p, o)) for name, o in _compressors().items()}
 
     checks = {f"read {n}": same_image(fn(), ct) for n, fn in readers.items()}

@@ -281,15 +281,58 @@ class ReadAhead:
 
 
 def write_mask(mask: sitk.Image, path: str | Path) -> None:
-    """Write atomically: a hidden temporary file in the same folder, then rename, so no partial output exists."""
+    """Write atomically: a hidden temporary file in the same folder, then rename, so no partial output exists.
+
+    A uint8 `.nii.gz` is compressed by isal where it is installed (`write_gzip_nifti`), anything else by ITK.
+    """
     path = Path(path)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix  # SimpleITK picks the writer by suffix
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
     try:
-        sitk.WriteImage(mask, str(tmp), useCompression=True)
+        if not write_gzip_nifti(mask, tmp):
+            sitk.WriteImage(mask, str(tmp), useCompression=True)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_NIFTI_DIMS = 42  # NIfTI-1 header: dim[1], dim[2], dim[3] as int16 at bytes 42-47 (dim[0] at 40)
+_GZIP_LEVEL = 1  # isal's fastest: the bench CT's mask in 0.6 MB instead of ITK's 0.4 MB
+
+
+def write_gzip_nifti(mask: sitk.Image, path: Path) -> bool:
+    """Write a uint8 3D image as `.nii.gz` with the bytes ITK would write, compressed by isal; False (nothing
+    written) where isal is missing, the image is not uint8 3D or the name not `.nii.gz` (ITK writes then).
+
+    ITK's NIfTI writer deflates with zlib, and its header depends on the size only through dim[1..3]: the header is
+    the one ITK writes for a one-voxel image of the same spacing, origin and direction, those three patched (tests
+    compare the decompressed bytes with ITK's own `.nii`). On the stand-in's mask of the bench CT (512 x 512 x 200,
+    docs/PERFORMANCE.md) 0.014-0.017 s against ITK's 0.15-0.18 s (3 runs each, by hand); the file is 0.62 MB
+    instead of 0.37 MB.
+    """
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return False
+    if not path.name.endswith(".nii.gz") or mask.GetPixelID() != sitk.sitkUInt8 or mask.GetDimension() != 3:
+        return False
+    probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    probe.SetSpacing(mask.GetSpacing())
+    probe.SetOrigin(mask.GetOrigin())
+    probe.SetDirection(mask.GetDirection())
+    one_voxel = path.with_name(f"{path.name}.header.nii")
+    try:
+        sitk.WriteImage(probe, str(one_voxel))
+        header = bytearray(one_voxel.read_bytes()[:-1])  # the header, without its one voxel
+    finally:
+        one_voxel.unlink(missing_ok=True)
+    header[_NIFTI_DIMS : _NIFTI_DIMS + 6] = struct.pack("<3h", *mask.GetSize())
+    stream = isal_zlib.compressobj(_GZIP_LEVEL, isal_zlib.DEFLATED, 31)  # 31: gzip
+    with path.open("wb") as f:
+        f.write(stream.compress(bytes(header)))
+        f.write(stream.compress(memoryview(sitk.GetArrayViewFromImage(mask)).cast("B")))
+        f.write(stream.flush())
+    return True
 
 
 def is_case_file(path: Path) -> bool:

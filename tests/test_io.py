@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,20 +139,87 @@ def test_unusual_valid_inputs_are_read_with_their_geometry(tmp_path):
         np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(written), name)
 
 
-def test_write_mask_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["isal", "itk"])
+def test_write_mask_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch, writer):
     mask = sitk.Image(8, 8, 3, sitk.sitkUInt8)
+    if writer == "itk":
+        monkeypatch.setitem(sys.modules, "isal", None)
     io.write_mask(mask, tmp_path / "case.nii.gz")
     assert [p.name for p in tmp_path.iterdir()] == ["case.nii.gz"]
     assert sitk.ReadImage(str(tmp_path / "case.nii.gz")).GetSize() == (8, 8, 3)
 
-    def failing_write(image, path, useCompression):
-        Path(path).write_bytes(b"half a file")
-        raise RuntimeError("disk full")
+    if writer == "itk":
+        def failing_write(image, path, useCompression=False):
+            Path(path).write_bytes(b"half a file")
+            raise RuntimeError("disk full")
 
-    monkeypatch.setattr(sitk, "WriteImage", failing_write)
+        monkeypatch.setattr(sitk, "WriteImage", failing_write)
+    else:
+        class FailingStream:  # the header goes out, then the disk fills
+            calls = 0
+
+            def compress(self, data):
+                self.calls += 1
+                if self.calls > 1:
+                    raise RuntimeError("disk full")
+                return b"half a file"
+
+        from isal import isal_zlib
+
+        monkeypatch.setattr(isal_zlib, "compressobj", lambda *args: FailingStream())
     with pytest.raises(RuntimeError, match="disk full"):
         io.write_mask(mask, tmp_path / "other.nii.gz")
     assert [p.name for p in tmp_path.iterdir()] == ["case.nii.gz"]
+
+
+_GEOMETRIES = {  # size, spacing, origin, direction
+    "axial": ((96, 80, 7), (0.8, 0.8, 2.5), (-200.0, 150.0, 30.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+    "flipped_one_slice": ((300, 20, 1), (0.7, 0.75, 5.0), (10.0, -20.0, 300.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1)),
+    "oblique": ((33, 45, 9), (1.0, 1.2, 3.0), (1.0, 2.0, 3.0), (0.955, -0.296, 0, 0.296, 0.955, 0, 0, 0, 1)),
+    "permuted": ((5, 260, 40), (4.0, 1.1, 0.9), (0.0, 0.0, 0.0), (0, 0, 1, 0, 1, 0, -1, 0, 0)),
+}
+
+
+@pytest.mark.parametrize("name", _GEOMETRIES)
+def test_a_mask_written_through_isal_holds_the_bytes_itk_writes(tmp_path, name):
+    size, spacing, origin, direction = _GEOMETRIES[name]
+    mask = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 14, size[::-1]).astype(np.uint8))
+    mask.SetSpacing(spacing)
+    mask.SetOrigin(origin)
+    mask.SetDirection(direction)
+    sitk.WriteImage(mask, str(tmp_path / "itk.nii"))
+    assert io.write_gzip_nifti(mask, tmp_path / "isal.nii.gz")
+    assert gzip.decompress((tmp_path / "isal.nii.gz").read_bytes()) == (tmp_path / "itk.nii").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["isal.nii.gz", "itk.nii"]  # the header's probe is gone
+
+
+def test_write_mask_compresses_a_uint8_mask_with_isal_and_anything_else_with_itk(tmp_path, monkeypatch):
+    written_by_itk = []
+    itk_write = sitk.WriteImage
+    def recorded_write(image, path, *args, **kwargs):
+        written_by_itk.append(Path(path).name)
+        itk_write(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(sitk, "WriteImage", recorded_write)
+    io.write_mask(sitk.Image(8, 8, 3, sitk.sitkUInt8), tmp_path / "mask.nii.gz")
+    assert not [n for n in written_by_itk if n.endswith(".nii.gz")]  # only the one-voxel header probe, a .nii
+    io.write_mask(sitk.Image(8, 8, 3, sitk.sitkInt16), tmp_path / "int16.nii.gz")
+    io.write_mask(sitk.Image(8, 8, 3, sitk.sitkUInt8), tmp_path / "plain.nii")
+    io.write_mask(sitk.Image(8, 8, sitk.sitkUInt8), tmp_path / "flat.nii.gz")
+    pid = os.getpid()
+    by_itk = [n for n in written_by_itk if not n.endswith(".header.nii")]
+    assert by_itk == [f".int16.nii.gz.{pid}.tmp.nii.gz", f".plain.nii.{pid}.tmp.nii", f".flat.nii.gz.{pid}.tmp.nii.gz"]
+    assert sitk.ReadImage(str(tmp_path / "flat.nii.gz")).GetSize() == (8, 8)
+    written = {"mask.nii.gz": sitk.sitkUInt8, "int16.nii.gz": sitk.sitkInt16, "plain.nii": sitk.sitkUInt8}
+    for name, pixel in written.items():
+        image = sitk.ReadImage(str(tmp_path / name))
+        assert image.GetSize() == (8, 8, 3) and image.GetPixelID() == pixel
+
+
+def test_without_isal_the_mask_is_written_by_itk(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "isal", None)
+    assert not io.write_gzip_nifti(sitk.Image(8, 8, 3, sitk.sitkUInt8), tmp_path / "mask.nii.gz")
+    assert not list(tmp_path.iterdir())
 
 
 def test_output_names_drop_the_channel_suffix_only():
@@ -275,7 +344,7 @@ def test_a_4d_header_is_left_to_itk(tmp_path):
 def test_without_isal_itk_reads(tmp_path, monkeypatch):
     path = tmp_path / "ct.nii.gz"
     sitk.WriteImage(_image(_ct()), str(path), useCompression=True)
-    monkeypatch.setitem(__import__("sys").modules, "isal", None)  # `import isal` raises ImportError
+    monkeypatch.setitem(sys.modules, "isal", None)  # `import isal` raises ImportError
     fast, itk = _fast_and_itk(path)
     assert fast is None
     _assert_same_image(io.read_ct(path), itk)
