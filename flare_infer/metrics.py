@@ -89,6 +89,7 @@ def surfel_area_table(spacing_xyz: tuple[float, float, float]) -> np.ndarray:
             scaled = np.array([normal[0] * s1 * s2, normal[1] * s0 * s2, normal[2] * s0 * s1])
             total += np.linalg.norm(scaled)
         table[code] = total
+    table.flags.writeable = False  # cached: one array for every caller
     return table
 
 
@@ -285,12 +286,20 @@ def ball_offsets(spacing_xyz: tuple[float, float, float], tolerance_mm: float) -
     reach = np.floor(tolerance_mm / spacing).astype(np.int64) + 1
     axes = [np.arange(-r, r + 1) for r in reach]
     offsets = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    mm = offsets * spacing
-    squared = mm * mm
-    distances = np.sqrt(squared[:, 0] + squared[:, 1] + squared[:, 2])
+    distances = offset_mm(offsets, spacing)
     keep = np.flatnonzero(distances <= tolerance_mm)
     order = keep[np.argsort(distances[keep], kind="stable")]
-    return offsets[order], distances[order]
+    offsets, distances = offsets[order], distances[order]
+    offsets.flags.writeable = distances.flags.writeable = False  # cached: the same arrays for every caller
+    return offsets, distances
+
+
+def offset_mm(offsets: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Lengths in mm of voxel offsets (n, 3) by the distance transform's own formula and operation order: offset *
+    spacing, squared, summed over the axes in order, square root."""
+    mm = offsets * spacing
+    squared = mm * mm
+    return np.sqrt(squared[:, 0] + squared[:, 1] + squared[:, 2])
 
 
 # Grid lookups per surfel (on average) the offset search may spend before a k-d tree answers the surfels still
@@ -349,9 +358,7 @@ def _nearest_by_tree(coords_from, coords_to, spacing_xyz, tolerance_mm: float) -
     tree = cKDTree(coords_to * spacing, balanced_tree=False, compact_nodes=False)  # 2x faster build, same answers
     _, nearest = tree.query(coords_from * spacing, distance_upper_bound=tolerance_mm * (1 + 1e-9) + 1e-9)
     found = nearest < len(coords_to)
-    offsets = (coords_to[nearest[found]] - coords_from[found]).astype(np.float64) * spacing  # (n, 3) mm
-    squared = offsets * offsets
-    distances[found] = np.sqrt(squared[:, 0] + squared[:, 1] + squared[:, 2])
+    distances[found] = offset_mm(coords_to[nearest[found]] - coords_from[found], spacing)
     distances[distances > tolerance_mm] = np.inf  # the hair past it: not within, as for the offset search
     return distances
 

@@ -110,6 +110,13 @@ def test_surfel_distances_within_tolerance_equal_the_distance_transform_bit_for_
     assert (got == 0).any() and ((got > 0) & (got <= tol)).any() and np.isinf(got).any()
 
 
+def test_the_cached_tables_cannot_be_changed_by_a_caller():
+    offsets, distances = metrics.ball_offsets(SPACING, 2.0)
+    for cached in (offsets, distances, metrics.surfel_area_table(SPACING)):
+        with pytest.raises(ValueError, match="read-only"):
+            cached[0] = 0
+
+
 def test_far_stray_blob_is_scored_like_the_reference():
     # A prediction blob far from the organ: outside the tolerance window, must still count as a miss.
     gt = np.zeros((40, 30, 20), bool)
