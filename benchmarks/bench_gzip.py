@@ -108,10 +108,7 @@ def write_via_ram(mask: sitk.Image, path: Path, opener) -> None:
 
 
 def read_into_image(path: Path) -> sitk.Image:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    image = io.read_gzip_voxels(path, reader)
+    image = io.read_gzip_voxels(path, io._header(path))
     if image is None:
         raise RuntimeError(f"{path}: io.read_gzip_voxels did not take it (is isal installed?)")
     return image

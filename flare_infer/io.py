@@ -84,9 +84,11 @@ def read_ct(path: str | Path) -> sitk.Image:
         raise InputError("empty file (0 bytes)")
     reader = _header(path)
     check_header(reader)
-    check_nifti_payload(path, reader)
+    # isal's read sees truncation itself and keeps NaN and infinity for check_finite: only ITK's needs the payload
+    # checked first (which, for float voxels, inflates the whole file once more)
     image = read_gzip_voxels(path, reader)  # None where its conditions do not hold: ITK reads
     if image is None:
+        check_nifti_payload(path, reader)
         try:
             image = reader.Execute()
         except RuntimeError as e:

@@ -246,10 +246,7 @@ def _nii_bytes(image: sitk.Image, tmp_path: Path) -> bytes:
 
 
 def _fast_and_itk(path: Path) -> tuple[sitk.Image | None, sitk.Image]:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return io.read_gzip_voxels(path, reader), sitk.ReadImage(str(path))
+    return io.read_gzip_voxels(path, io._header(path)), sitk.ReadImage(str(path))
 
 
 def _assert_same_image(found: sitk.Image, expected: sitk.Image) -> None:
@@ -331,6 +328,33 @@ def test_a_header_of_another_byte_order_or_version_is_left_to_itk(tmp_path):
     path.write_bytes(gzip.compress(struct.pack("<i", 348) + bytes(348) + bytes(range(16))))
     assert io._inflate_into(voxels, path, skip=352, inflate=__import__("isal").isal_zlib) == 16
     assert voxels.tolist() == list(range(16))
+
+
+def _scaled_float_file(tmp_path: Path, vol: np.ndarray) -> Path:
+    """A float32 `.nii.gz` with scl_slope 2: the files ITK, not isal, reads."""
+    raw = bytearray(_nii_bytes(_image(vol.astype(np.float32)), tmp_path))
+    raw[_SCL_SLOPE : _SCL_SLOPE + 8] = struct.pack("<ff", 2.0, 0.0)
+    path = tmp_path / "scaled.nii.gz"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return path
+
+
+def test_only_files_itk_reads_are_inflated_beforehand_for_the_payload_check(tmp_path, monkeypatch):
+    checked = []
+    monkeypatch.setattr(io, "check_nifti_payload", lambda path, reader: checked.append(path.name))
+    plain = tmp_path / "plain.nii.gz"
+    sitk.WriteImage(_image(_ct(dtype=np.float32)), str(plain), useCompression=True)
+    io.read_ct(plain)  # isal's read: NaN and truncation seen in its own pass
+    io.read_ct(_scaled_float_file(tmp_path, _ct()))
+    assert checked == ["scaled.nii.gz"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_infinity_in_a_file_itk_reads_is_refused(tmp_path, bad):
+    vol = _ct(dtype=np.float32)
+    vol[2, 30, 30] = bad
+    with pytest.raises(io.InputError, match="NaN or infinite"):
+        io.read_ct(_scaled_float_file(tmp_path, vol))
 
 
 def test_a_4d_header_is_left_to_itk(tmp_path):
