@@ -1,8 +1,10 @@
 """FLARE22 evaluation: per-case, per-organ DSC and NSD as the organisers computed them.
 
-    python -m flare_infer.evaluate PRED_DIR GT_DIR [--csv OUT.csv] [--markdown OUT.md] [--flare-2024] [--workers N]
+    python -m flare_infer evaluate PRED_DIR GT_DIR [--csv OUT.csv] [--markdown OUT.md] [--flare-2024]
+        [--workers N] [--allow-missing] [--debug]          (or python -m flare_infer.evaluate ...)
 
-For every ground-truth case `NAME.nii.gz` in GT_DIR, the prediction `PRED_DIR/NAME.nii.gz`:
+For every ground-truth case `NAME.nii.gz` (or `NAME.nii`, any case of the extension) in GT_DIR, the
+prediction `PRED_DIR/NAME.nii.gz` or `PRED_DIR/NAME.nii` (what `predict` writes for either input):
 - masks in the organisers' axis order (x, y, z) as nibabel loads them, spacing from the GT header;
 - both empty: DSC = NSD = 1; GT empty, prediction not: 0, 0; GT present, prediction empty: 0, 0;
 - aorta, IVC and esophagus: both masks cut to the GT's axial range [z_min, z_max) on the third
@@ -12,15 +14,20 @@ For every ground-truth case `NAME.nii.gz` in GT_DIR, the prediction `PRED_DIR/NA
   organisers' numpy floats did).
 CSV columns as the organisers' script writes them: Name, the 13 `*_DSC`, the 13 `*_NSD`; every
 number written as a float (`1.0`, `0.0`, `0.9523`), NaN as an empty cell.
+Folders: a prediction folder that is missing, holds no mask or no mask named like a ground-truth case is
+an error (exit 2) naming it, never a table of zeros. Ground-truth cases without a prediction are listed in
+one line and counted, not scored, and the exit status is 1; `--allow-missing` scores them as empty masks
+(0 for every organ of the GT), as the FLARE22 organisers did, and exits 0.
+Exit status: 0 every case scored, 1 a case failed or a prediction is missing, 2 a usage error.
 Library: `evaluate_case` (in-memory images or arrays, for training) and `evaluate_folder`.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flare_infer.cli import HelpFormatter, UsageError, add_debug, at_least, one_line_errors
 from flare_infer.labels import AXIAL_RANGE_CUT_VALUES, ORGANS, Organ
 from flare_infer.metrics import dice, fast_surface_dice, find_boxes, import_scipy, organiser_spacing
 
@@ -36,10 +44,22 @@ DSC_COLUMNS = tuple(f"{o.short}_DSC" for o in ORGANS)
 NSD_COLUMNS = tuple(f"{o.short}_NSD" for o in ORGANS)
 CSV_COLUMNS = ("Name", *DSC_COLUMNS, *NSD_COLUMNS)
 FLARE24_MIN_DSC_FOR_NSD = 0.2  # FLARE24 scripts: NSD = 0 when DSC < 0.2
+MASK_SUFFIXES = (".nii.gz", ".nii")  # matched whatever their case (`.NII.GZ`), as flare_infer.io does
+
+
+DESCRIPTION = """Score the masks of PRED_DIR against the ground truth of GT_DIR: FLARE22's DSC and NSD per case
+and organ, as the organisers' script computes them; a per-organ table on stdout.
+
+A prediction folder that is missing, empty or holds no mask named like a ground-truth case is an error
+(exit 2). Cases without a prediction are listed and not scored (exit 1) unless --allow-missing."""
 
 
 class CaseError(ValueError):
     """A case that cannot be scored (shape mismatch, unreadable file): says which and why."""
+
+
+class FolderError(UsageError):
+    """A prediction or ground-truth folder that cannot be scored at all: names it and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +83,9 @@ class CaseScores:
 class FolderResult:
     cases: list[CaseScores]
     errors: dict[str, str] = field(default_factory=dict)  # case name -> message
-    missing: list[str] = field(default_factory=list)  # GT cases without a prediction (scored as empty)
+    missing: list[str] = field(default_factory=list)  # GT cases without a prediction
+    missing_scored: bool = False  # True: the missing cases are in `cases`, scored as empty masks (--allow-missing)
+    notes: dict[str, str] = field(default_factory=dict)  # case name -> a warning about a scored case
 
 
 # ------------------------------------------------------------------------------- per organ
@@ -184,21 +206,22 @@ def _read_labels(path: Path):
         raise CaseError(f"{path}: cannot be read as an image ({str(e).strip().splitlines()[-1]})") from e
 
 
-def _warn_if_grids_differ(pred, gt, name: str) -> None:
-    # The organisers compared raw arrays and never looked at the geometry; neither do the scores
-    # here, but a prediction on another grid is almost certainly a bug worth a warning.
+def grid_note(pred, gt) -> str | None:
+    """One line when the prediction's spacing/origin/direction differ from the GT's; None when they agree.
+
+    The organisers compared raw arrays and never looked at the geometry; neither do the scores here, but a
+    prediction on another grid is almost certainly a bug worth a line in the report.
+    """
     same = np.allclose(pred.GetSpacing(), gt.GetSpacing(), atol=1e-3) and np.allclose(
         pred.GetOrigin(), gt.GetOrigin(), atol=1e-2
     )
-    if not (same and np.allclose(pred.GetDirection(), gt.GetDirection(), atol=1e-4)):
-        warnings.warn(
-            f"{name}: prediction spacing/origin/direction differ from the ground truth's; scored voxel by "
-            "voxel as the organisers did: check that the mask was restored onto the input image's grid",
-            stacklevel=2,
-        )
+    if same and np.allclose(pred.GetDirection(), gt.GetDirection(), atol=1e-4):
+        return None
+    return ("prediction spacing/origin/direction differ from the ground truth's; scored voxel by voxel as the "
+            "organisers did: check that the mask was restored onto the input image's grid")  # fmt: skip
 
 
-def _evaluate_file_pair(args) -> CaseScores:
+def _evaluate_file_pair(args) -> tuple[CaseScores, str | None]:
     pred_path, gt_path, flare_2024, threads = args
     import SimpleITK  # noqa: F401  (here, not in the reading threads: an import holds the GIL)
 
@@ -208,23 +231,73 @@ def _evaluate_file_pair(args) -> CaseScores:
         reads = [pool.submit(_read_labels, path) for path in paths]
         import_scipy()
         gt, *pred = (read.result() for read in reads)
+    note = None
     if pred_path is None:
         # Scored as an empty prediction: 0 for organs in the GT, 1 for organs absent from both.
         pred = np.zeros(gt.GetSize()[::-1], np.uint8)
     else:
         pred = pred[0]
         if pred.GetSize() == gt.GetSize():
-            _warn_if_grids_differ(pred, gt, gt_path.name)
-    return evaluate_case(
+            note = grid_note(pred, gt)
+    scores = evaluate_case(
         pred, gt, name=gt_path.name, spacing_xyz=gt.GetSpacing(), flare_2024=flare_2024, workers=threads
     )
+    return scores, note
+
+
+def case_stem(name: str) -> str | None:
+    """`NAME.nii.gz` / `NAME.nii` (any case of the extension) -> `NAME`; None for other files."""
+    lower = name.lower()
+    suffix = next((s for s in MASK_SUFFIXES if lower.endswith(s)), None)
+    return None if suffix is None or name.startswith(".") else name[: -len(suffix)]
+
+
+def _mask_files(folder: Path) -> dict[str, list[Path]]:
+    """{case stem: its mask files} of a folder (hidden files skipped)."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        stem = case_stem(path.name)
+        if stem is not None and path.is_file():
+            found.setdefault(stem, []).append(path)
+    return found
 
 
 def gt_cases(gt_dir: Path) -> list[Path]:
-    cases = sorted(p for p in Path(gt_dir).iterdir() if p.name.endswith((".nii.gz", ".nii")))
+    """The ground-truth masks of GT_DIR, sorted; FolderError (naming it) for a missing or empty folder."""
+    gt_dir = Path(gt_dir)
+    if not gt_dir.is_dir():
+        raise FolderError(f"ground-truth folder {gt_dir} does not exist or is not a folder: expected a folder of "
+                          "NAME.nii.gz label files (the second argument, GT_DIR)")  # fmt: skip
+    cases = [path for paths in _mask_files(gt_dir).values() for path in paths]
     if not cases:
-        raise FileNotFoundError(f"no ground-truth cases (*.nii.gz) in {gt_dir}: expected NAME.nii.gz label files")
-    return cases
+        raise FolderError(f"ground-truth folder {gt_dir} holds no *.nii.gz or *.nii file: expected NAME.nii.gz "
+                          "label files (the second argument, GT_DIR)")  # fmt: skip
+    return sorted(cases)
+
+
+def match_predictions(pred_dir: Path, gt_paths: list[Path]) -> list[tuple[Path, list[Path]]]:
+    """(GT mask, its prediction files: none, one, or `.nii` and `.nii.gz` both) per GT case.
+
+    FolderError when PRED_DIR is missing, holds no mask, or holds none named like a GT case: scoring such a
+    folder would only report zeros.
+    """
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise FolderError(f"prediction folder {pred_dir} does not exist or is not a folder: expected the OUTPUT_DIR "
+                          "of `python -m flare_infer predict` (the first argument, PRED_DIR)")  # fmt: skip
+    predictions = _mask_files(pred_dir)
+    if not predictions:
+        raise FolderError(f"prediction folder {pred_dir} holds no *.nii.gz or *.nii file: expected one mask per "
+                          f"ground-truth case, such as {gt_paths[0].name}")  # fmt: skip
+    pairs = [(gt, predictions.get(case_stem(gt.name), [])) for gt in gt_paths]
+    if not any(files for _, files in pairs):
+        example = next(iter(predictions.values()))[0].name
+        raise FolderError(
+            f"prediction folder {pred_dir} holds {len(predictions)} masks but none named like the "
+            f"{len(gt_paths)} ground-truth cases of {gt_paths[0].parent} (expected {gt_paths[0].name}, found "
+            f"{example}): check the folders and their order (PRED_DIR first, then GT_DIR)"
+        )
+    return pairs
 
 
 def default_workers() -> int:
@@ -235,37 +308,49 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def evaluate_folder(pred_dir, gt_dir, *, flare_2024: bool = False, workers: int | None = None) -> FolderResult:
-    """Score every GT case against the prediction of the same name.
+def evaluate_folder(
+    pred_dir, gt_dir, *, flare_2024: bool = False, workers: int | None = None, allow_missing: bool = False
+) -> FolderResult:
+    """Score every GT case against the prediction of the same name (`.nii.gz` or `.nii`).
 
+    A GT case without a prediction is listed in `missing`; with allow_missing it is scored as an empty mask
+    (the FLARE22 organisers' rule), else it is not scored. FolderError for a prediction folder that is missing,
+    empty or holds no mask named like a GT case. A case with two predictions (`.nii` and `.nii.gz`) is an error.
     workers (default: the cores allowed) > 1: cases in a process pool (at most one process per case),
     organs in threads with the rest; a single case reads its two files and scores its organs in threads.
     """
     workers = workers or default_workers()
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    jobs, missing = [], []
-    for gt_path in gt_cases(gt_dir):
-        pred_path = pred_dir / gt_path.name
-        if not pred_path.exists():
-            warnings.warn(f"no prediction for {gt_path.name} in {pred_dir}: scored as an empty mask", stacklevel=2)
+    jobs, missing, errors = [], [], {}
+    for gt_path, found in match_predictions(Path(pred_dir), gt_cases(Path(gt_dir))):
+        if len(found) > 1:
+            errors[gt_path.name] = (f"{len(found)} predictions for one case ({', '.join(p.name for p in found)}): "
+                                    f"keep one of them in {found[0].parent}")  # fmt: skip
+            continue
+        if not found:
             missing.append(gt_path.name)
-        jobs.append((pred_path if pred_path.exists() else None, gt_path, flare_2024))
+            if not allow_missing:
+                continue
+        jobs.append((found[0] if found else None, gt_path, flare_2024))
     # Cases in processes; what is left of `workers` goes to organ threads inside each case.
     processes = max(1, min(workers, len(jobs)))
     jobs = [(*job, max(1, workers // processes)) for job in jobs]
-    cases, errors = [], {}
+    cases, notes = [], {}
     pool = ProcessPoolExecutor(processes, mp_context=get_context("forkserver")) if processes > 1 else None
     try:
         pending = [(job[1].name, pool.submit(_evaluate_file_pair, job) if pool else job) for job in jobs]
         for name, item in pending:
             try:
-                cases.append(item.result() if pool else _evaluate_file_pair(item))
+                scores, note = item.result() if pool else _evaluate_file_pair(item)
             except CaseError as e:
                 errors[name] = str(e)
+                continue
+            cases.append(scores)
+            if note is not None:
+                notes[name] = note
     finally:
         if pool:
             pool.shutdown()
-    return FolderResult(cases=cases, errors=errors, missing=missing)
+    return FolderResult(cases=cases, errors=errors, missing=missing, missing_scored=allow_missing, notes=notes)
 
 
 # --------------------------------------------------------------------------------- reports
@@ -299,9 +384,10 @@ def mean_std(values: Sequence[float]) -> str:
 def summary_markdown(result: FolderResult) -> str:
     """Per-organ mean +/- std (sample std over cases) for DSC and NSD, then the overall means."""
     cases = result.cases
+    how = "scored as empty" if result.missing_scored else "not scored"
     lines = [
         f"FLARE22 evaluation: {len(cases)} cases scored"
-        + (f", {len(result.missing)} missing predictions scored as empty" if result.missing else "")
+        + (f", {len(result.missing)} missing predictions {how}" if result.missing else "")
         + (f", {len(result.errors)} cases failed" if result.errors else ""),
         "",
         "| Organ | DSC (mean +/- std) | NSD (mean +/- std) |",
@@ -317,8 +403,10 @@ def summary_markdown(result: FolderResult) -> str:
         f"| **mean** | {np.nanmean(all_dsc) if cases else float('nan'):.4f} | "
         f"{np.nanmean(all_nsd) if cases else float('nan'):.4f} |"
     )
-    for name in result.missing:
-        lines.append(f"\nmissing prediction: {name}")
+    if result.missing:
+        lines.append(f"\nmissing predictions ({len(result.missing)}, {how}): {', '.join(result.missing)}")
+    for name, message in result.notes.items():
+        lines.append(f"\nwarning: {name}: {message}")
     for name, message in result.errors.items():
         lines.append(f"\nerror: {name}: {message}")
     return "\n".join(lines) + "\n"
@@ -331,36 +419,53 @@ def main(
     markdown: Path | None = None,
     flare_2024: bool = False,
     workers: int | None = None,
+    allow_missing: bool = False,
 ) -> int:
-    result = evaluate_folder(pred_dir, gt_dir, flare_2024=flare_2024, workers=workers)
+    """Score, write the CSV and table, print the table; the exit status (FolderError propagates: usage, 2)."""
+    result = evaluate_folder(pred_dir, gt_dir, flare_2024=flare_2024, workers=workers, allow_missing=allow_missing)
     if csv is not None:
         write_csv(result.cases, csv)
     text = summary_markdown(result)
     if markdown is not None:
         Path(markdown).write_text(text)
     print(text, end="")
+    if result.missing and not allow_missing:
+        print(f"error: {len(result.missing)} of {len(result.missing) + len(result.cases) + len(result.errors)} "
+              f"ground-truth cases have no prediction in {pred_dir} and were not scored: "
+              f"{', '.join(result.missing)}. Predict them, or pass --allow-missing to score them as empty masks "
+              "(FLARE22's rule)", file=sys.stderr)  # fmt: skip
     for name, message in result.errors.items():
         print(f"error: {name}: {message}", file=sys.stderr)
-    return 1 if result.errors else 0
+    return 1 if result.errors or (result.missing and not allow_missing) else 0
 
 
-def _cli(argv: list[str] | None = None) -> None:
-    # argparse, not typer: typer and the pydantic it loads cost 0.3 s of CPU per start (docs/PERFORMANCE.md).
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m flare_infer.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("pred_dir", type=Path, metavar="PRED_DIR", help="folder of predicted masks NAME.nii.gz")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m flare_infer evaluate` and `python -m flare_infer.evaluate`."""
+    parser.add_argument("pred_dir", type=Path, metavar="PRED_DIR",
+                        help="folder of predicted masks NAME.nii.gz or NAME.nii (predict's OUTPUT_DIR)")
     parser.add_argument("gt_dir", type=Path, metavar="GT_DIR", help="folder of ground-truth masks NAME.nii.gz")
-    parser.add_argument("--csv", type=Path, help="per-case CSV in the organisers' column order")
-    parser.add_argument("--markdown", type=Path, help="per-organ mean +/- std table")
+    parser.add_argument("--csv", type=Path, metavar="OUT.csv", help="write the per-case CSV (organisers' columns) here")
+    parser.add_argument("--markdown", type=Path, metavar="OUT.md", help="write the per-organ mean +/- std table here")
     parser.add_argument("--flare-2024", action="store_true", help="FLARE24 rule: NSD = 0 when DSC < 0.2")
-    parser.add_argument(
-        "--workers", type=int, help="cases in processes, organs in threads (default: the cores allowed)"
-    )
+    parser.add_argument("--workers", type=at_least(1), metavar="N",
+                        help="cases in processes, organs in threads (default: the cores allowed)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="score a GT case without a prediction as an empty mask (FLARE22's rule) and exit 0; "
+                             "without it such cases are listed, not scored, and the exit status is 1")
+    add_debug(parser)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    return main(args.pred_dir, args.gt_dir, args.csv, args.markdown, args.flare_2024, args.workers,
+                args.allow_missing)  # fmt: skip
+
+
+def _cli(argv: list[str] | None = None, prog: str = "python -m flare_infer.evaluate") -> None:
+    # argparse, not typer: typer and the pydantic it loads cost 0.3 s of CPU per start (docs/PERFORMANCE.md).
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=HelpFormatter)
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.workers is not None and args.workers < 1:
-        parser.error(f"--workers must be >= 1, found {args.workers}")
-    sys.exit(main(args.pred_dir, args.gt_dir, args.csv, args.markdown, args.flare_2024, args.workers))
+    sys.exit(one_line_errors(lambda: run(args), debug=args.debug))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ pytest tests/test_evaluate.py -x
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,7 +211,9 @@ def test_shape_mismatch_is_a_clear_error():
 def _write(labels_zyx: np.ndarray, path, spacing_xyz=SPACING) -> None:
     image = sitk.GetImageFromArray(labels_zyx)
     image.SetSpacing(spacing_xyz)
-    sitk.WriteImage(image, str(path))
+    lower = Path(path).with_name(Path(path).name.lower())  # ITK writes only lower-case extensions
+    sitk.WriteImage(image, str(lower))
+    lower.rename(path)
 
 
 def test_csv_header_is_the_organisers(tmp_path):
@@ -229,20 +233,86 @@ def test_csv_header_is_the_organisers(tmp_path):
     assert values[13:] == values[:13]
 
 
-def test_missing_prediction_scores_zero_for_present_organs_with_a_warning(tmp_path):
+def _folders(tmp_path, gt_names, pred_names):
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     gt_dir.mkdir(), pred_dir.mkdir()
-    _write(_case_zyx(), gt_dir / "case_a.nii.gz")
-    _write(_case_zyx(), gt_dir / "case_b.nii.gz")
-    _write(_case_zyx(), pred_dir / "case_a.nii.gz")
-    with pytest.warns(UserWarning, match="case_b.nii.gz"):
-        result = evaluate_folder(pred_dir, gt_dir)
-    assert result.missing == ["case_b.nii.gz"]
+    for name in gt_names:
+        _write(_case_zyx(), gt_dir / name)
+    for name in pred_names:
+        _write(_case_zyx(), pred_dir / name)
+    return pred_dir, gt_dir
+
+
+def test_missing_prediction_scores_zero_for_present_organs_only_with_allow_missing(tmp_path):
+    pred_dir, gt_dir = _folders(tmp_path, ["case_a.nii.gz", "case_b.nii.gz"], ["case_a.nii.gz"])
+    result = evaluate_folder(pred_dir, gt_dir, allow_missing=True)
+    assert result.missing == ["case_b.nii.gz"] and result.missing_scored
     by_name = {c.name: c for c in result.cases}
     missing = by_name["case_b.nii.gz"]
     assert missing.dsc["Liver"] == missing.nsd["Liver"] == 0.0  # present in the GT
     assert missing.dsc["Spleen"] == missing.nsd["Spleen"] == 1.0  # absent from both
     assert by_name["case_a.nii.gz"].dsc["Liver"] == 1.0
+    strict = evaluate_folder(pred_dir, gt_dir)  # without it: listed, not scored
+    assert strict.missing == ["case_b.nii.gz"] and [c.name for c in strict.cases] == ["case_a.nii.gz"]
+
+
+def test_missing_predictions_are_listed_in_one_line_counted_and_exit_1(tmp_path, capsys):
+    names = [f"case_{k}.nii.gz" for k in "abcd"]
+    pred_dir, gt_dir = _folders(tmp_path, names, names[:2])
+    assert evaluate.main(pred_dir, gt_dir, workers=1) == 1
+    out, err = capsys.readouterr()
+    assert "2 cases scored, 2 missing predictions not scored" in out
+    assert "missing predictions (2, not scored): case_c.nii.gz, case_d.nii.gz" in out
+    (line,) = err.strip().splitlines()
+    assert "2 of 4 ground-truth cases have no prediction" in line and "case_c.nii.gz, case_d.nii.gz" in line
+    assert "--allow-missing" in line
+    assert evaluate.main(pred_dir, gt_dir, workers=1, allow_missing=True) == 0
+    assert "4 cases scored, 2 missing predictions scored as empty" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "mismatched", "gt missing"])
+def test_a_prediction_folder_that_cannot_be_scored_exits_2_naming_it_in_one_line(problem, tmp_path, capsys):
+    pred_dir, gt_dir = _folders(tmp_path, ["case_a.nii.gz", "case_b.nii.gz"], [])
+    if problem == "missing":
+        pred_dir = tmp_path / "typo"
+    elif problem == "mismatched":
+        _write(_case_zyx(), pred_dir / "other_case.nii.gz")
+    elif problem == "gt missing":
+        _write(_case_zyx(), pred_dir / "case_a.nii.gz")
+        gt_dir = tmp_path / "no_labels"
+    for argv in ([str(pred_dir), str(gt_dir)], [str(pred_dir), str(gt_dir), "--allow-missing"]):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate._cli([*argv, "--csv", str(tmp_path / "s.csv"), "--workers", "1"])
+        assert exit_info.value.code == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "Traceback" not in err
+        (line,) = err.strip().splitlines()
+        named = gt_dir if problem == "gt missing" else pred_dir
+        assert line.startswith("error: ") and f"folder {named} " in line, line
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_nii_and_upper_case_predictions_are_found_and_two_for_one_case_are_an_error(tmp_path):
+    pred_dir, gt_dir = _folders(tmp_path, ["case_a.nii.gz", "case_b.nii.gz", "case_c.NII.GZ", "case_d.nii"],
+                                ["case_a.nii", "case_b.NII.GZ", "case_c.nii.gz", "case_d.nii.gz"])  # fmt: skip
+    _write(_case_zyx(), pred_dir / "case_e.nii.gz")  # no GT: ignored
+    result = evaluate_folder(pred_dir, gt_dir, workers=1)
+    assert not result.missing and not result.errors
+    assert {c.name: c.dsc["Liver"] for c in result.cases} == dict.fromkeys(
+        ["case_a.nii.gz", "case_b.nii.gz", "case_c.NII.GZ", "case_d.nii"], 1.0)  # fmt: skip
+    _write(_case_zyx(), pred_dir / "case_a.nii.gz")  # now case_a has two
+    result = evaluate_folder(pred_dir, gt_dir, workers=1)
+    assert list(result.errors) == ["case_a.nii.gz"] and "case_a.nii, case_a.nii.gz" in result.errors["case_a.nii.gz"]
+
+
+def test_a_prediction_on_another_grid_is_noted_in_the_report_not_warned_with_source(tmp_path, capsys):
+    pred_dir, gt_dir = _folders(tmp_path, ["case_a.nii.gz"], [])
+    _write(_case_zyx(), pred_dir / "case_a.nii.gz", spacing_xyz=(1.0, 1.0, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluate.main(pred_dir, gt_dir, workers=1) == 0
+    out, err = capsys.readouterr()
+    assert "warning: case_a.nii.gz: prediction spacing/origin/direction differ" in out and err == ""
 
 
 def test_shape_mismatch_fails_that_case_only_and_the_cli_exits_non_zero(tmp_path, capsys):
