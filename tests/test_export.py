@@ -189,6 +189,29 @@ def test_fp16_below_the_agreement_bar_is_removed_with_a_clear_error(exported):
     assert not (tmp / "strict" / "student.fp16.json").exists()
 
 
+def test_fp16_below_the_bar_keeps_fp32_says_why_and_exits_0_unless_required(tmp_path, monkeypatch):
+    """An undertrained model (fp16 agreement 99.5 % < 99.9 %): `--fp16` keeps the float32 model and exits 0 with
+    the reason; `--require-fp16` is the strict form (exit 1, float32 still there)."""
+    import typer
+    from typer.testing import CliRunner
+
+    import training.export as export_module
+
+    monkeypatch.setattr(export_module, "argmax_agreement", lambda *args, **kwargs: 0.995)
+    app = typer.Typer()
+    app.command()(export_module.main)
+    ckpt = write_checkpoint(tmp_path / "ckpt" / "best.pt", _settled_unet(UNetConfig(width=2)))
+    out = tmp_path / "w" / "student.onnx"
+    result = CliRunner().invoke(app, [str(ckpt), str(out), "--exporter", "torchscript", "--fp16"])
+    assert result.exit_code == 0, result.output
+    assert "fp16 argmax agrees with fp32 on 99.500 % of voxels" in result.output and "note:" in result.output
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert not (tmp_path / "w" / "student.fp16.onnx").exists() and not (tmp_path / "w" / "student.fp16.json").exists()
+    strict = CliRunner().invoke(app, [str(ckpt), str(out), "--exporter", "torchscript", "--require-fp16"])
+    assert strict.exit_code == 1 and "--require-fp16" in strict.output, strict.output
+    assert out.is_file() and not (tmp_path / "w" / "student.fp16.onnx").exists()
+
+
 def test_export_cli_writes_model_and_sidecar(exported, tmp_path):
     import typer
     from typer.testing import CliRunner
