@@ -35,6 +35,7 @@ import SimpleITK as sitk
 
 from flare_infer.labels import LABEL_NAMES
 from training import acquisition as scan  # the scanner: grid, reconstruction, table (training/acquisition.py)
+from training import intensity as look  # the randomised look: HU, texture, noise spectrum (training/intensity.py)
 from training.acquisition import GEOMETRIES, SIZES, AcquisitionConfig, AcquisitionParams, Grid
 
 # ----------------------------------------------------------------------------------------------
@@ -66,6 +67,7 @@ _CAVITY_ONLY = np.zeros(N_TISSUES, bool)
 _CAVITY_ONLY[[CAVITY_FAT]] = True
 
 PHASES = ("plain", "arterial", "portal", "delayed")
+INTENSITIES = ("classic", "randomised")
 # HU means per contrast phase (plain, arterial, portal, delayed); literature-typical values for contrast CT.
 HU_BY_PHASE: dict[int, tuple[float, float, float, float]] = {
     LIVER: (58, 80, 118, 95), SPLEEN: (48, 125, 128, 95), PANCREAS: (45, 120, 98, 80),
@@ -109,8 +111,11 @@ class DomainConfig:
     fov_margin: tuple[float, float]  # in-plane field of view / body width (< 1 cuts the body's sides)
     scan_top_mm: tuple[float, float]  # scan range above the anatomical origin (liver dome ~ +150)
     scan_bottom_mm: tuple[float, float]  # scan range below it (lowest kidney pole ~ -80, pelvis ~ -150)
+    intensity: str = "classic"  # "classic" (HU table + white texture) or "randomised" (training/intensity.py)
 
     def __post_init__(self) -> None:
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"intensity must be one of {INTENSITIES}; found {self.intensity!r}")
         unknown = set(self.phases) - set(PHASES)
         if unknown or len(self.phases) != len(self.phase_weights):
             raise ValueError(
@@ -130,7 +135,13 @@ WIDE_DOMAIN = DomainConfig(
     contrast_gain=(0.7, 1.3), anatomy_scale=(0.86, 1.14), fat_mm=(4.0, 60.0), fov_margin=(0.97, 1.45),
     scan_top_mm=(160.0, 260.0), scan_bottom_mm=(-280.0, -105.0),
 )
-DOMAINS = {"labelled": LABELLED_DOMAIN, "wide": WIDE_DOMAIN}
+# The randomised look (issue 26): the same patients and scans, drawn with training/intensity.py's wide look.
+LABELLED_RANDOMISED = replace(LABELLED_DOMAIN, name="labelled-randomised", intensity="randomised")
+WIDE_RANDOMISED = replace(WIDE_DOMAIN, name="wide-randomised", intensity="randomised")
+DOMAINS = {d.name: d for d in (LABELLED_DOMAIN, WIDE_DOMAIN, LABELLED_RANDOMISED, WIDE_RANDOMISED)}
+DOMAINS_BY_SPLIT = {  # intensity -> (labelled domain, unlabelled and validation domain)
+    "classic": (LABELLED_DOMAIN, WIDE_DOMAIN), "randomised": (LABELLED_RANDOMISED, WIDE_RANDOMISED),
+}
 
 
 @dataclass(frozen=True)
@@ -699,6 +710,46 @@ def _intensities(tissue: np.ndarray, params: CaseParams, rng: np.random.Generato
     return np.clip(hu, -1024, 3071, out=hu)
 
 
+# The randomised look's tissue groups: SynthSeg-random means for "soft" (organs, muscle, bowel, blood), fat and
+# bone each in their own range; air, gas, lung and the table keep their physics.
+_LOOK_GROUPS = {name: np.zeros(N_TISSUES, bool) for name in ("soft", "fat", "bone")}
+_LOOK_GROUPS["fat"][[FAT, CAVITY_FAT]] = True
+_LOOK_GROUPS["bone"][[BONE, CORTEX_BONE]] = True
+_LOOK_GROUPS["soft"][[SKIN, WALL_MUSCLE, MUSCLE, BOWEL_WALL, BOWEL_CONTENT, BLOOD, DISC, CSF, STOOL]] = True
+_LOOK_GROUPS["soft"][LIVER:N_ANATOMY_TISSUES] = True
+for _gas in (ESO_AIR, STOMACH_GAS, DUO_GAS):
+    _LOOK_GROUPS["soft"][_gas] = False
+# Grain (white, before the blur) kept in the randomised look where it is structure, not scanner noise.
+_LOOK_GRAIN_HU = np.zeros(N_TISSUES, np.float32)
+_LOOK_GRAIN_HU[[LUNG, GAS, STOOL, BONE, CORTEX_BONE]] = TEXTURE_HU[[LUNG, GAS, STOOL, BONE, CORTEX_BONE]]
+
+
+def _randomised_intensities(tissue: np.ndarray, params: CaseParams) -> np.ndarray:
+    """HU volume of the randomised look (training/intensity.py), from the case's own look stream."""
+    rng = look.look_rng(params.seed)
+    phase = PHASES.index(params.phase)
+    prior, plain = np.zeros(N_TISSUES, np.float32), np.zeros(N_TISSUES, np.float32)
+    for code, value in HU_FIXED.items():
+        prior[code] = plain[code] = value
+    for code, values in HU_BY_PHASE.items():
+        prior[code], plain[code] = values[phase], values[0]
+    table_spec = params.acquisition.table if params.acquisition is not None else None
+    if table_spec is not None:
+        prior[TABLE_FOAM], prior[TABLE_PLATE] = table_spec.foam_hu, table_spec.plate_hu
+    means, _ = look.draw_means(rng, look.RANDOMISED, prior, plain, _LOOK_GROUPS)
+    acq = params.acquisition
+    sigma_zyx = scan.blur_sigma_zyx(params.grid.spacing_xyz, acq.blur_scale if acq is not None else 1.0)
+    spacing_zyx = tuple(float(s) for s in params.grid.spacing_xyz[::-1])
+
+    def reconstruct(hu: np.ndarray) -> np.ndarray:
+        hu += _LOOK_GRAIN_HU[tissue] * rng.standard_normal(tissue.shape, dtype=np.float32)
+        return scan.reconstruct(hu, sigma_zyx, acq.sharp_gain if acq is not None else 0.0)
+
+    hu = look.render(tissue, means, spacing_zyx, rng, look.RANDOMISED, vessel_codes=(LIVER, SPLEEN),
+                     reconstruct=reconstruct)
+    return np.clip(hu, -1024, 3071, out=hu)
+
+
 def _to_image(arr_zyx: np.ndarray, grid: Grid) -> sitk.Image:
     img = sitk.GetImageFromArray(arr_zyx)
     img.SetSpacing(grid.spacing_xyz)
@@ -739,7 +790,10 @@ def _generate(seed: int, domain: DomainConfig, size: str, geometry: str | None,
               acquisition: AcquisitionConfig | None = None):
     params, rng = _sample(seed, domain, size, geometry, acquisition)
     tissue = _tissue_map(params, _sample_anatomy(rng))
-    hu = _intensities(tissue, params, rng, domain)
+    if domain.intensity == "randomised":
+        hu = _randomised_intensities(tissue, params)
+    else:
+        hu = _intensities(tissue, params, rng, domain)
     label = ORGAN_OF[tissue]
     if params.acquisition is not None and params.acquisition.padding is not None:
         scan.pad_circle_arrays(hu, label, params.grid, params.acquisition.padding)  # after the HU clip
@@ -798,13 +852,17 @@ def _jobs(labelled: int, unlabelled: int, validation: int) -> list[tuple[str, in
 
 
 def generate_dataset(out_dir: str | Path, *, labelled: int = 50, unlabelled: int = 200, validation: int = 20,
-                     seed: int = 0, size: str = "full", acquisition: str = "default",
+                     seed: int = 0, size: str = "full", acquisition: str = "default", intensity: str = "classic",
                      progress: bool = True) -> dict:
     """Write a FLARE22-layout synthetic set and its dataset.json; returns the dataset.json content.
 
     `acquisition`: "default" varies the acquisition at each split's rates (acquisition.ACQUISITION_BY_SPLIT);
-    "none" writes clean scans.
+    "none" writes clean scans. `intensity`: "classic" or "randomised" (training/intensity.py's wide look: the
+    same patients and scans as "classic", other HU, texture and noise).
     """
+    if intensity not in DOMAINS_BY_SPLIT:
+        raise ValueError(f"intensity must be one of {tuple(DOMAINS_BY_SPLIT)}, found {intensity!r}")
+    labelled_domain, wide_domain = DOMAINS_BY_SPLIT[intensity]
     if acquisition not in ACQUISITION_MODES:
         raise ValueError(f"acquisition must be one of {ACQUISITION_MODES}, found {acquisition!r}")
     acq_by_split = scan.ACQUISITION_BY_SPLIT if acquisition == "default" else dict.fromkeys(scan.ACQUISITION_BY_SPLIT)
@@ -812,7 +870,7 @@ def generate_dataset(out_dir: str | Path, *, labelled: int = 50, unlabelled: int
     jobs = _jobs(labelled, unlabelled, validation)
     cases = {}
     for split, index, image_rel, label_rel in _progress(jobs, progress, f"phantoms -> {out}"):
-        domain = LABELLED_DOMAIN if split == "labelled" else WIDE_DOMAIN
+        domain = labelled_domain if split == "labelled" else wide_domain
         image, label, params = _generate(case_seed(seed, split, index), domain, size, None, acq_by_split[split])
         write_image(image, out / image_rel)
         if label_rel:
@@ -822,8 +880,8 @@ def generate_dataset(out_dir: str | Path, *, labelled: int = 50, unlabelled: int
         "name": "FLARE22-style synthetic phantoms", "generator": "python -m training.phantoms",
         "seed": seed, "size": size, "labels": dict(LABEL_NAMES), "numTraining": labelled,
         "numUnlabelled": unlabelled, "numValidation": validation, "file_ending": ".nii.gz",
-        "domains": {"labelled": asdict(LABELLED_DOMAIN), "unlabelled": asdict(WIDE_DOMAIN),
-                    "validation": asdict(WIDE_DOMAIN)},
+        "domains": {"labelled": asdict(labelled_domain), "unlabelled": asdict(wide_domain),
+                    "validation": asdict(wide_domain)},
         "acquisition": {split: asdict(cfg) if cfg else None for split, cfg in acq_by_split.items()},
         "cases": cases,
     }
@@ -869,6 +927,11 @@ class AcquisitionMode(str, Enum):
     none = "none"  # clean scans
 
 
+class IntensityChoice(str, Enum):  # --intensity
+    classic = "classic"  # one HU table per phase, white texture
+    randomised = "randomised"  # training/intensity.py: SynthSeg-random or widened prior HU, texture, noise spectrum
+
+
 class SizeChoice(str, Enum):  # --size: listed in --help, checked by click
     small = "small"
     full = "full"
@@ -888,11 +951,14 @@ def main(
     size: SizeChoice = SizeChoice.full,
     layout: LayoutChoice = LayoutChoice.flare22,
     acquisition: AcquisitionMode = AcquisitionMode.default,
+    intensity: IntensityChoice = IntensityChoice.classic,
 ) -> None:
     """Generate a synthetic FLARE22-style set (layout flare22) or the bundled examples (layout examples).
 
     --acquisition default varies field of view, padding, table, kernel and z-coverage at each split's
-    rates; none writes clean scans. The bundled examples are always clean.
+    rates; none writes clean scans. The bundled examples are always clean. --intensity randomised draws each
+    case's HU, texture and noise wide (training/intensity.py; docs/PHANTOMS.md), for training that must
+    transfer to real CT.
     """
     import typer
 
@@ -903,7 +969,8 @@ def main(
         typer.echo(f"wrote {len(paths)} files under {out_dir} in {time.perf_counter() - t0:.1f} s")
         return
     meta = generate_dataset(out_dir, labelled=labelled, unlabelled=unlabelled, validation=validation,
-                            seed=seed, size=size, acquisition=acquisition.value)
+                            seed=seed, size=size, acquisition=acquisition.value,
+                            intensity=IntensityChoice(intensity).value)
     typer.echo(f"wrote {len(meta['cases'])} cases to {out_dir} in {time.perf_counter() - t0:.1f} s")
 
 
