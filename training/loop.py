@@ -207,9 +207,21 @@ def _progress(rt: Runtime) -> Progress:
     )  # fmt: skip
 
 
+# Off a terminal (a log file, a pipe) rich draws no bar: a plain line every `_log_every(steps)` steps instead.
+LOG_LINES_PER_EPOCH, LOG_EVERY_UNSIZED = 10, 50
+
+
+def _log_every(total: int | None) -> int:
+    """Steps between progress lines off a terminal: about LOG_LINES_PER_EPOCH per epoch."""
+    return LOG_EVERY_UNSIZED if not total else max(1, math.ceil(total / LOG_LINES_PER_EPOCH))
+
+
 def _train_epoch(model, optimizer, scheduler, scaler, step_fn, items, ctx, progress, task, dtype):
-    """One epoch; returns (mean loss, slices per second)."""
+    """One epoch; returns (mean loss, slices per second, the learning rate of its last step)."""
     model.train()
+    entry = next(t for t in progress.tasks if t.id == task)
+    lines = not progress.disable and not progress.console.is_terminal
+    lr = optimizer.param_groups[0]["lr"]
     total_loss, n_steps, n_slices, t0 = 0.0, 0, 0, time.perf_counter()
     autocast = torch.autocast(ctx.rt.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     for item in items:
@@ -221,15 +233,20 @@ def _train_epoch(model, optimizer, scheduler, scaler, step_fn, items, ctx, progr
                 f"epoch {ctx.epoch} step {ctx.step}: loss is {loss.item()}; lower --lr or try --no-amp"
             )
         scaler.scale(loss).backward()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() sets the next one's
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         ctx.step += 1
         n_steps, n_slices, total_loss = n_steps + 1, n_slices + slices, total_loss + loss.item()
         rate = n_slices * ctx.rt.world_size / (time.perf_counter() - t0)
-        info = f"loss {total_loss / n_steps:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  {rate:.1f} slices/s"
+        info = f"loss {total_loss / n_steps:.4f}  lr {lr:.2e}  {rate:.1f} slices/s"
         progress.update(task, advance=1, info=info)
-    return total_loss / max(n_steps, 1), n_slices * ctx.rt.world_size / (time.perf_counter() - t0)
+        if lines and (n_steps % _log_every(entry.total) == 0 or n_steps == entry.total):
+            of = f"/{entry.total:.0f}" if entry.total else ""
+            line = f"{entry.description} step {n_steps}{of}: {info.replace('  ', ', ')}"
+            progress.console.print(line, soft_wrap=True)
+    return total_loss / max(n_steps, 1), n_slices * ctx.rt.world_size / (time.perf_counter() - t0), lr
 
 
 def fit(
@@ -263,10 +280,11 @@ def fit(
             total = len(items) if hasattr(items, "__len__") else None
             task = progress.add_task(f"{run_dir.name} epoch {epoch + 1}/{cfg.epochs}", total=total, info="")
             ctx = StepContext(rt, epoch, step)
-            loss, rate = _train_epoch(model, optimizer, scheduler, scaler, step_fn, items, ctx, progress, task, dtype)
+            loss, rate, lr = _train_epoch(model, optimizer, scheduler, scaler, step_fn, items, ctx, progress, task,
+                                          dtype)  # fmt: skip
             step = ctx.step
             progress.remove_task(task)
-            row = {"epoch": epoch + 1, "train_loss": _mean_over_ranks(loss, rt), "lr": scheduler.get_last_lr()[0],
+            row = {"epoch": epoch + 1, "train_loss": _mean_over_ranks(loss, rt), "lr": lr,  # as its last step used it
                    "slices_per_s": rate}  # fmt: skip
             if validate_fn is not None and rt.is_main and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
                 net = unwrap(model).eval()
