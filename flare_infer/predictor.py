@@ -260,18 +260,42 @@ def predict_slices(predict_batch: PredictBatch, vol_zyx: np.ndarray, config: Sli
     A batch's scores are reduced (argmax, confidence, stored probabilities) in a worker thread while the next batch
     is gathered and predicted: numpy and ONNX Runtime release the GIL, and on a GPU the reduction then hides behind
     the network. At most two batches of scores are held at once; batches are reduced in order.
+
+    Design (the threads' invariants; tests/test_predictor_threads.py injects delays at every hand-over):
+    - Ownership: `labels`, `confidence` and the boundary store are written by the worker thread alone (`reduce`,
+      then `store.finish`), one batch after another in submission order. The calling thread only reads the volume
+      and calls the network, and reads the outputs once the worker is done.
+    - Hand-over by value: where the calling thread takes a share of the argmax (below), it computes it into an
+      array of its own and passes it to `reduce` as an argument; the worker writes it into `labels` before it
+      computes the rest and before `store.add` reads those labels (a stored slice's boundary needs the labels of
+      its neighbours, including the next batch's first slice). An argument cannot arrive after the call that
+      takes it, so the order no longer depends on timing. (Before 2026-12-07 the calling thread wrote its half
+      into `labels` itself, right only because it did so before `submit`: moved after it, every test passed, and
+      with a 50 ms delay the restore read a zero slice.)
+    - The share: only while the worker still reduces the previous batch (the reduction, not the network, is the
+      bottleneck: a near-free model on a CPU) does the calling thread take the argmax of a batch's first half; with
+      a slower network it goes straight on. Gain with the split, measured by hand (commit 33578db): predict_volume
+      on the bench CT with the near-free stand-in 0.32-0.40 s against 0.39-0.46 s. The hand-over by value costs
+      what the old in-place write did (argmax_planes returns a new array either way; one copy into `labels`):
+      median ratio 1.00 against the old code, 9 alternating pairs on the bench CT's box, identical outputs
+      (benchmarks/bench_predict_slices.py, docs/results/predict_slices_handover.json; a shared 2-core machine).
     """
     depth, h, w = vol_zyx.shape
     labels = np.zeros((depth, h, w), np.uint8)
     confidence = np.zeros((depth, h, w), np.float16) if "confidence" in config.outputs else None
     store = _BoundaryStore(labels, config.output) if "probabilities" in config.outputs else None
 
-    def reduce(start: int, z: np.ndarray, padded: np.ndarray, done: int) -> None:  # (n, 14, H16, W16) scores
-        scores = padded[:, :, :h, :w]
+    def reduce(start: int, z: np.ndarray, padded: np.ndarray, head: np.ndarray | None) -> None:
+        """The worker's whole write to the outputs for one batch; `head`: the calling thread's argmax of its first
+        slices (or None), (len(head), H, W) uint8."""
+        scores = padded[:, :, :h, :w]  # (n, 14, H, W) of (n, 14, H16, W16)
         if confidence is not None:
             labels[z], confidence[z] = labels_and_confidence(scores, config.output)
         else:
-            labels[z[done:]] = argmax_planes(scores[done:])  # the first `done` slices' labels are there already
+            done = 0 if head is None else len(head)
+            if done:
+                labels[z[:done]] = head
+            labels[z[done:]] = argmax_planes(scores[done:])
         if store is not None:
             store.add(start, padded)
 
@@ -285,18 +309,15 @@ def predict_slices(predict_batch: PredictBatch, vol_zyx: np.ndarray, config: Sli
             batch = np.ascontiguousarray(pad_slices(batch), dtype=np.float32)  # (n', C, H16, W16)
             scores = predict_batch(batch)  # (n', 14, H16, W16)
             _check_scores(scores, len(z), h, w)
-            # Where the worker still reduces the previous batch (the reduction, not the network, is the bottleneck), the
-            # argmax of the first half of the slices here meanwhile: the two threads then share a batch's reduction
-            # about evenly. Where it is done (a slower network), the worker takes the whole batch and this thread
-            # goes straight on to the next. (Labels only: the pseudo-labels' confidence needs the worker's whole pass.)
+            # The share (see the docstring): the first half's argmax here while the worker is still busy. Labels only:
+            # the pseudo-labels' confidence needs the worker's whole pass.
             busy = reducing is not None and not reducing.done()
-            done = len(z) // 2 if busy and confidence is None else 0
-            if done:
-                labels[z[:done]] = argmax_planes(scores[:done, :, :h, :w])
+            head = argmax_planes(scores[: len(z) // 2, :, :h, :w]) if busy and confidence is None else None
             if reducing is not None:
                 reducing.result()  # re-raises its exception here
-            reducing = worker.submit(reduce, start, z, scores[: len(z)], done)
+            reducing = worker.submit(reduce, start, z, scores[: len(z)], head)
         if reducing is not None:
             reducing.result()
-    results = {"labels": labels, "confidence": confidence, "probabilities": store.finish() if store else None}
+        stored = worker.submit(store.finish).result() if store else None  # its last slice: a write, the worker's
+    results = {"labels": labels, "confidence": confidence, "probabilities": stored}
     return tuple(results[name] for name in config.outputs)
