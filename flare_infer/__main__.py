@@ -1,4 +1,4 @@
-"""Command line: predict every CT in a folder.
+"""Command line: predict every CT in a folder; evaluate, preview and profile as subcommands too.
 
     python -m flare_infer predict INPUT_DIR OUTPUT_DIR [--model weights/student.onnx] [--device auto|cuda|cpu]
         [--precision auto|fp32|fp16] [--cuda-arena-mib 768] [--batch-size N] [--postprocess none|lcc]
@@ -11,12 +11,19 @@ The first case is read while onnxruntime starts, and each next case while the cu
 network (`io.ReadAhead`, a background thread). argparse rather than typer here: typer (with the
 pydantic it loads to coerce options) costs 0.30 s of CPU at every start, argparse 0.03 s (measured,
 docs/PERFORMANCE.md), and the container pays the start once per case.
+
+    python -m flare_infer evaluate PRED_DIR GT_DIR ...     # = python -m flare_infer.evaluate (FLARE22 DSC, NSD)
+    python -m flare_infer preview IMAGE [MASK] ...         # = python -m flare_infer.preview (overlay PNG)
+    python -m flare_infer profile --out R.json -- CMD ...  # = python -m flare_infer.profile (time, memory)
+Those three are handed to their module's own command line (`TOOLS`), imported only when asked for, so
+`predict` starts as fast as before.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import logging
 import os
 import sys
@@ -25,6 +32,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from flare_infer import io
+from flare_infer.cli import HelpFormatter
+from flare_infer.cli import choices as one_of
 from flare_infer.postprocess import POSTPROCESS_CHOICES
 from flare_infer.restore import RESTORE_CHOICES
 from flare_infer.session import CUDA_ARENA_LIMIT_BYTES, DEVICES, PRECISIONS
@@ -187,18 +196,24 @@ def _at_least(minimum: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flare_infer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flare_infer", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = commands.add_parser("predict", help="segment every CT in INPUT_DIR into OUTPUT_DIR",
-                            description="Segment every CT in INPUT_DIR into OUTPUT_DIR.")  # fmt: skip
+                            description="Segment every CT in INPUT_DIR into OUTPUT_DIR.",
+                            formatter_class=HelpFormatter)  # fmt: skip
+    for name, (_, summary) in TOOLS.items():  # listed here; app() hands their arguments to their module
+        commands.add_parser(name, help=summary, add_help=False)
     p.add_argument("input_dir", type=Path, metavar="INPUT_DIR", help="folder of CTs (*.nii.gz, *.nii)")
     p.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="folder for the masks (created)")
     p.add_argument("--model", type=Path, help="NAME.onnx with NAME.json beside it (default: weights/student.onnx)")
-    p.add_argument("--device", default="auto", help=f"one of {DEVICES}: auto = CUDA if onnxruntime has it, else CPU")
+    p.add_argument("--device", default="auto", metavar=one_of(DEVICES),
+                   help="auto = CUDA if onnxruntime has it, else CPU")  # fmt: skip
     p.add_argument(
         "--precision",
         default="auto",
-        help=f"one of {PRECISIONS}: auto = NAME.fp16.onnx on CUDA where its sidecar records a passed check",
+        metavar=one_of(PRECISIONS),
+        help="auto = NAME.fp16.onnx on CUDA where its sidecar records a passed check",
     )
     p.add_argument(
         "--cuda-arena-mib",
@@ -207,13 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnxruntime's CUDA arena cap, MiB (effect on the whole device unmeasured)",
     )
     p.add_argument("--batch-size", type=_at_least(1), default=16, help="axial slices per network call")
-    p.add_argument(
-        "--postprocess", default="none", help=f"one of {POSTPROCESS_CHOICES}: lcc = largest component per organ"
-    )
+    p.add_argument("--postprocess", default="none", metavar=one_of(POSTPROCESS_CHOICES),
+                   help="lcc = largest connected component per organ")  # fmt: skip
     p.add_argument(
         "--restore",
         default="linear",
-        help=f"one of {RESTORE_CHOICES}: linear = class probabilities interpolated onto the CT, then argmax",
+        metavar=one_of(RESTORE_CHOICES),
+        help="linear = class probabilities interpolated onto the CT, then argmax; nearest = the nearest label",
     )
     p.add_argument(
         "--preview",
@@ -315,8 +330,20 @@ def predict(args: argparse.Namespace) -> int:
     return EXIT_CASE_FAILED if failed else EXIT_OK
 
 
+# The other commands: (module whose `_cli(argv, prog)` parses and runs them, one line for the command list)
+TOOLS = {
+    "evaluate": ("flare_infer.evaluate", "FLARE22 DSC and NSD of PRED_DIR against GT_DIR"),
+    "preview": ("flare_infer.preview", "overlay PNG of a CT and a mask"),
+    "profile": ("flare_infer.profile", "time, GPU memory, CPU and RAM of a command, as the organisers measured"),
+}
+
+
 def app(argv: list[str] | None = None) -> None:
     """Parse, run, exit with the command's code (argparse's own usage errors exit 2, like ours)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        module = importlib.import_module(TOOLS[argv[0]][0])
+        module._cli(argv[1:], prog=f"python -m flare_infer {argv[0]}")  # exits with the command's status
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

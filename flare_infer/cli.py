@@ -24,7 +24,14 @@ class UsageError(Exception):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The description as written; each option's default appended as ` (default: X)` unless its help says it."""
+    """The description as written; each option's default appended as ` (default: X)` unless its help says it;
+    choices shown as `a|b|c`."""
+
+    def _metavar_formatter(self, action: argparse.Action, default_metavar: str):
+        if action.metavar is None and action.choices is not None:
+            shown = choices([str(c) for c in action.choices])
+            return lambda size: (shown,) * size
+        return super()._metavar_formatter(action, default_metavar)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -34,7 +41,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 flag = action.option_strings[0] if action.default else action.option_strings[-1]
                 text += f" (default: {flag})"
             return text
-        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        hidden = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        shown = not hidden and action.option_strings
         if shown and "default" not in text:
             text += " (default: %(default)s)"
         return text

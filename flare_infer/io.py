@@ -117,7 +117,7 @@ def read_gzip_voxels(path: Path, reader: sitk.ImageFileReader) -> sitk.Image | N
     except ImportError:
         return None
     keys = set(reader.GetMetaDataKeys())
-    if not path.name.endswith(".nii.gz") or not {"vox_offset", "scl_slope", "scl_inter", "dim[0]"} <= keys:
+    if not path.name.lower().endswith(".nii.gz") or not {"vox_offset", "scl_slope", "scl_inter", "dim[0]"} <= keys:
         return None
     slope, inter = float(reader.GetMetaData("scl_slope")), float(reader.GetMetaData("scl_inter"))
     if int(reader.GetMetaData("dim[0]")) != 3 or slope not in (0.0, 1.0) or inter != 0.0:
@@ -179,12 +179,12 @@ def check_nifti_payload(path: Path, reader: sitk.ImageFileReader) -> None:
     the file itself. An integer `.nii.gz` whose gzip trailer (uncompressed size mod 2^32) matches the header
     costs nothing; float voxels and a mismatching trailer (truncated, or a multi-member gzip) are streamed once.
     """
-    if not path.name.endswith(CASE_SUFFIXES) or "vox_offset" not in reader.GetMetaDataKeys():
+    if not path.name.lower().endswith(CASE_SUFFIXES) or "vox_offset" not in reader.GetMetaDataKeys():
         return
     datatype = int(reader.GetMetaData("datatype"))
     n_bytes = int(np.prod(reader.GetSize(), dtype=np.int64)) * int(reader.GetMetaData("bitpix")) // 8
     expected = int(float(reader.GetMetaData("vox_offset"))) + n_bytes
-    if path.name.endswith(".nii"):
+    if path.name.lower().endswith(".nii"):
         found = path.stat().st_size
         if found < expected:
             raise InputError(f"voxel data truncated: the header needs {expected} bytes, the file has {found}")
@@ -338,17 +338,19 @@ def write_gzip_nifti(mask: sitk.Image, path: Path) -> bool:
 
 
 def is_case_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.name.endswith(CASE_SUFFIXES)
+    """A visible `*.nii.gz` / `*.nii` file, whatever the case of its extension (`.NII.GZ` too)."""
+    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(CASE_SUFFIXES)
 
 
 def list_cases(input_dir: str | Path) -> list[Path]:
-    """Every `*.nii.gz` and `*.nii` directly in `input_dir` (hidden files skipped), sorted by name."""
+    """Every `*.nii.gz` and `*.nii` (any case) directly in `input_dir` (hidden files skipped), sorted by name."""
     return sorted(p for p in Path(input_dir).iterdir() if is_case_file(p))
 
 
 def output_name(input_path: str | Path) -> str:
-    """`NAME_0000.nii.gz` -> `NAME.nii.gz` (nnU-Net channel suffix); other names are kept."""
+    """`NAME_0000.nii.gz` -> `NAME.nii.gz` (nnU-Net channel suffix); other names are kept. The extension is
+    written in lower case (`NAME.NII.GZ` -> `NAME.nii.gz`): ITK's NIfTI writer refuses upper-case ones."""
     name = Path(input_path).name
-    suffix = next(s for s in CASE_SUFFIXES if name.endswith(s))
+    suffix = next(s for s in CASE_SUFFIXES if name.lower().endswith(s))
     stem = name[: -len(suffix)]
     return re.sub(r"_0000$", "", stem) + suffix

@@ -1,7 +1,11 @@
 """Overlay preview of a CT and an organ mask: axial, coronal and sagittal slices in one PNG.
 
-    python -m flare_infer.preview examples/inputs/FLARE22_Ex_0001_0000.nii.gz \
-        examples/labels/FLARE22_Ex_0001.nii.gz --out preview.png
+    python -m flare_infer preview examples/inputs/FLARE22_Ex_0001_0000.nii.gz \
+        examples/labels/FLARE22_Ex_0001.nii.gz [--out PREVIEW.png] [--debug]   (or python -m flare_infer.preview)
+
+Without --out the picture goes to outputs/previews/NAME.png (NAME: the mask's case name, else the CT's),
+never beside the inputs. A file that cannot be read, or a mask on another grid than the CT, is one line
+(`error: <file>: <reason>`), exit 2.
 
 Each view shows the slice with the most organs in the mask (the volume's centre without one), after
 reorienting both images to LPS, so the picture reads the radiological way whatever the file's
@@ -127,22 +131,65 @@ def save_preview(image: sitk.Image, mask: sitk.Image | None, out_png: str | Path
     return out
 
 
-def _cli() -> None:
-    import typer
+DEFAULT_FOLDER = Path("outputs/previews")
+DESCRIPTION = """Write an overlay preview PNG of IMAGE (and MASK, if given): axial, coronal and sagittal slices,
+read the radiological way (patient right on the image's left)."""
 
-    def main(
-        image: Path = typer.Argument(..., help="CT image (NIfTI, any direction)"),
-        mask: Path | None = typer.Argument(None, help="label mask on the image's grid"),
-        out: Path = typer.Option(Path("preview.png"), help="PNG to write"),
-    ) -> None:
-        """Write an overlay preview PNG of IMAGE (and MASK, if given)."""
-        for p in (image, mask):
-            if p is not None and not p.is_file():
-                raise typer.BadParameter(f"{p}: file not found")
-        msk = sitk.ReadImage(str(mask)) if mask is not None else None
-        typer.echo(f"wrote {save_preview(sitk.ReadImage(str(image)), msk, out, title=image.name)}")
 
-    typer.run(main)
+def default_out(image: Path, mask: Path | None) -> Path:
+    """outputs/previews/NAME.png: NAME the mask's case name (else the CT's, without its _0000 channel suffix)."""
+    name = (mask or image).name
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+    return DEFAULT_FOLDER / f"{stem.removesuffix('_0000')}.png"
+
+
+def add_arguments(parser) -> None:
+    """The options of `python -m flare_infer preview` and `python -m flare_infer.preview`."""
+    from flare_infer.cli import add_debug
+
+    parser.add_argument("image", type=Path, metavar="IMAGE", help="the CT (NIfTI, any direction matrix)")
+    parser.add_argument("mask", type=Path, nargs="?", metavar="MASK",
+                        help="labels 0..13 on the CT's grid (a predict output, a ground truth); omit for the CT alone")
+    parser.add_argument("--out", type=Path, metavar="PREVIEW.png",
+                        help=f"the PNG to write (default: {DEFAULT_FOLDER}/NAME.png)")
+    add_debug(parser)  # fmt: skip
+
+
+def _read(path: Path) -> sitk.Image:
+    from flare_infer.cli import UsageError
+    from flare_infer.io import InputError, read_ct
+
+    try:
+        return read_ct(path)
+    except InputError as e:
+        raise UsageError(f"{path}: {e}; give a 3D NIfTI file (.nii.gz or .nii)") from None
+
+
+def run(args) -> int:
+    from flare_infer.cli import UsageError
+
+    image = _read(args.image)
+    mask = _read(args.mask) if args.mask is not None else None
+    out = args.out or default_out(args.image, args.mask)
+    try:
+        written = save_preview(image, mask, out, title=args.image.name)
+    except ValueError as e:
+        raise UsageError(f"{args.mask}: {e}") from None
+    print(f"wrote {written}")
+    return 0
+
+
+def _cli(argv: list[str] | None = None, prog: str = "python -m flare_infer.preview") -> None:
+    import argparse
+    import sys
+
+    from flare_infer.cli import HelpFormatter, one_line_errors
+
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
+                                     description=DESCRIPTION)  # fmt: skip
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    sys.exit(one_line_errors(lambda: run(args), debug=args.debug))
 
 
 if __name__ == "__main__":

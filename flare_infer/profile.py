@@ -1,6 +1,7 @@
 """Resource profiler: time, GPU memory, CPU and RAM of one command, sampled as the FLARE22 organisers did.
 
-    python -m flare_infer.profile --out RESULT.json [--plot RESULT.png] [--interval 0.1] -- COMMAND ...
+    python -m flare_infer profile --out RESULT.json [--plot RESULT.png] [--interval 0.1] -- COMMAND ...
+                                                                      (or python -m flare_infer.profile ...)
 
 Runs COMMAND (for example `sh predict.sh IN OUT`, or one `docker run` for one case) and samples
 every `interval` seconds until it exits:
@@ -10,7 +11,8 @@ every `interval` seconds until it exits:
 - machine RAM used (MiB).
 Reports what the organisers reported (their load_json.py): wall time; GPU memory = the largest value
 seen in more than 2% of the samples; AUC GPU = sum(memory) * interval (MiB s); max CPU
-utilisation; AUC CPU = sum(100 - idle %) * interval; max RAM. The exit status is the command's.
+utilisation; AUC CPU = sum(100 - idle %) * interval; max RAM. The exit status is the command's; a
+profiler that cannot start (no psutil, a command not found) says so in one line and exits 2.
 Library: `profile_command(cmd, interval) -> ProfileResult`.
 """
 
@@ -53,6 +55,10 @@ class ProfileResult:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
 
+class ProfilerError(RuntimeError):
+    """The profiler cannot run here (a missing dependency, a command that cannot be started): nothing was run."""
+
+
 class _Gpu:
     """Whole-device memory used through NVML; `available` is False without pynvml or a GPU."""
 
@@ -85,8 +91,9 @@ class _Sampler(threading.Thread):
         super().__init__(daemon=True)
         try:
             import psutil
-        except ImportError as e:
-            raise ImportError("the profiler needs psutil: pip install 'flare-ts[profile]' (or psutil)") from e
+        except ImportError:
+            raise ProfilerError("the profiler needs psutil, which is not installed here: "
+                                'pip install -e ".[profile]" (or pip install psutil)') from None
 
         self.psutil, self.interval_s, self.gpu = psutil, interval_s, gpu
         self.stop = threading.Event()
@@ -135,7 +142,11 @@ def profile_command(
     sampler.start()
     timed_out = False
     try:
-        process = subprocess.Popen(list(cmd))
+        try:
+            process = subprocess.Popen(list(cmd))
+        except OSError as e:
+            raise ProfilerError(f"{cmd[0]}: cannot be started ({e.strerror or e}); give a command and its "
+                                "arguments after `--`") from None
         try:
             exit_code = process.wait(timeout=timeout_s)
             if exit_code < 0:  # killed by a signal: report it as a shell would (128 + signal)
@@ -213,25 +224,60 @@ def _print_summary(result: ProfileResult) -> None:
     )
 
 
-def _cli() -> None:
-    import typer
+def add_arguments(parser) -> None:
+    """The options of `python -m flare_infer profile` and `python -m flare_infer.profile`."""
+    import argparse
 
-    def command(
-        cmd: list[str] = typer.Argument(..., help="the command to profile, after `--`"),
-        out: Path = typer.Option(..., "--out", help="result JSON (summary and samples)"),
-        plot_path: Path | None = typer.Option(None, "--plot", help="PNG of GPU memory, CPU and RAM over time"),
-        interval: float = typer.Option(0.1, "--interval", min=0.01, help="sampling period (s)"),
-        gpu_index: int = typer.Option(0, "--gpu-index", help="NVML device index to sample"),
-        timeout: float | None = typer.Option(None, "--timeout", help="kill the command after this many seconds"),
-    ) -> None:
-        result = profile_command(cmd, interval, gpu_index=gpu_index, timeout_s=timeout)
-        result.to_json(out)
-        if plot_path is not None:
-            plot(result, plot_path)
-        _print_summary(result)
-        raise typer.Exit(result.exit_code)
+    from flare_infer.cli import add_debug
 
-    typer.run(command)
+    parser.add_argument("--out", type=Path, required=True, metavar="RESULT.json",
+                        help="write the result (summary and samples) here")
+    parser.add_argument("--plot", type=Path, metavar="RESULT.png", help="also a PNG of GPU memory, CPU, RAM over time")
+    parser.add_argument("--interval", type=_positive_float, default=0.1, metavar="S", help="sampling period, seconds")
+    parser.add_argument("--gpu-index", type=int, default=0, metavar="K", help="NVML device index to sample")
+    parser.add_argument("--timeout", type=_positive_float, metavar="S",
+                        help="kill the command after this many seconds (exit 124; default: no limit)")
+    add_debug(parser)
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                        help="the command to profile")  # fmt: skip
+
+
+def _positive_float(text: str) -> float:
+    import argparse
+
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, found {text}")
+    return value
+
+
+def run(args) -> int:
+    from flare_infer.cli import UsageError
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    try:
+        result = profile_command(cmd, args.interval, gpu_index=args.gpu_index, timeout_s=args.timeout)
+    except (ProfilerError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    result.to_json(args.out)
+    if args.plot is not None:
+        plot(result, args.plot)
+    _print_summary(result)
+    return result.exit_code
+
+
+def _cli(argv: list[str] | None = None, prog: str = "python -m flare_infer.profile") -> None:
+    import argparse
+    import sys
+
+    from flare_infer.cli import HelpFormatter, one_line_errors
+
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
+                                     description="Run COMMAND and sample its wall time, GPU memory, CPU and RAM as "
+                                     "the FLARE22 organisers did;\nthe exit status is the command's.")  # fmt: skip
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    sys.exit(one_line_errors(lambda: run(args), debug=args.debug))
 
 
 if __name__ == "__main__":

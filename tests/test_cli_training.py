@@ -52,7 +52,7 @@ def test_training_clis_without_torch_say_in_one_line_which_extra_to_install(tmp_
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert "'torch' is not installed" in line and 'pip install -e ".[train]"' in line
+    assert "'torch' is not installed" in line and 'pip install -r requirements-ci.txt -e ".[cpu,train]"' in line
     assert not (tmp_path / "run").exists()  # reproduce: refused before any work
 
 

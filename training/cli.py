@@ -1,7 +1,7 @@
 """What the `python -m training.*` CLIs share: their typer app, and one line instead of a traceback
 when the `train` extra (torch, onnx, albumentations, ...) is not installed.
 
-    python -m training.teacher --help      # without torch: error: ... pip install -e ".[train]"
+    python -m training.teacher --help      # without torch: error: ... pip install -r requirements-ci.txt ...
 
 `install_missing_extra_hook` runs when the `training` package is imported (training/__init__.py), so
 before any CLI module's own `import torch`: `python -m` imports the package first.
@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-INSTALL_TRAIN = 'pip install -e ".[train]"'
+# The README's command (Quick start 2 and "Installing"): torch's CPU build from requirements-ci.txt, not the
+# multi-GB CUDA build plain `pip install -e ".[train]"` fetches on a machine without a GPU.
+INSTALL_TRAIN = 'pip install -r requirements-ci.txt -e ".[cpu,train]"'
 # Import names of pyproject's `train` extra (cv2 comes with albumentations, pynvml with nvidia-ml-py).
 TRAIN_MODULES = frozenset({"torch", "onnx", "onnxscript", "onnxconverter_common", "albumentations", "cv2", "rich",
                            "matplotlib", "psutil", "pynvml"})  # fmt: skip

@@ -1,6 +1,7 @@
 """The paper's Table 4 on generated data: single U-Net vs three-network teacher vs student, with ablations.
 
     python -m training.reproduce --out runs/reproduce                      # full, seeds 0,1,2: about 3 h on 2 CPU cores
+                                                                           # (the report: runs/reproduce/RESULTS.md)
     python -m training.reproduce --out runs/quick --quick                  # CI: <= 5 min, numbers not meaningful
     python -m training.reproduce --out runs/reproduce --results docs/RESULTS.md
     python -m training.reproduce --out runs/quick2 --sizes quick --seeds 0,1 --data DIR   # DIR: FLARE22 layout
@@ -60,7 +61,6 @@ from training.cli import require_train_extra, typer_app
 from training.seeds_report import MODELS, ModelScores
 
 SEED = 0
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PAPER_FRACTION = 0.375  # 750 of FLARE22's 2000 unlabelled cases
 PAPER_TABLE4 = {"single": 0.4815, "teacher": 0.4973, "student": 0.5272}  # mean DSC, FLARE22 validation
 
@@ -995,8 +995,8 @@ def main(
     ),
     results: Path = typer.Option(
         None,
-        help="the Markdown report (default: docs/RESULTS.md with full sizes, "
-        "RUN_DIR/RESULTS.md otherwise); table4.json goes to results/ beside it",
+        help="the Markdown report (default: RUN_DIR/RESULTS.md; docs/RESULTS.md to update the repository's); "
+        "table4.json and the figure go to results/ beside it",
     ),
     device: str = typer.Option("cpu", help="cpu|cuda|auto, for training and in-process inference"),
 ) -> None:
@@ -1011,7 +1011,7 @@ def main(
             raise typer.BadParameter(str(e)) from None
     plan = Plan(out=out, data=data or out / "data", sizes=s, device=device,
                 seeds=parse_seeds(seeds) if seeds else s.seeds, generated=data is None)  # fmt: skip
-    results_md = results or (REPO_ROOT / "docs" / "RESULTS.md" if s.name == "full" else out / "RESULTS.md")
+    results_md = results or out / "RESULTS.md"  # the repository's docs/RESULTS.md only when asked (--results)
     argv = ["--out", str(out), "--sizes", s.name, *(["--seeds", seeds] if seeds else []),
             *(["--data", str(data)] if data else []), *(["--results", str(results)] if results else [])]  # fmt: skip
     run(plan, results_md, argv)

@@ -292,7 +292,13 @@ def main(
     src = Sources(data, unlabelled, teacher, validation, cache or teacher.parent / "cache")
     best = run(src, out, cfg, device=device, resume=resume)
     if os.environ.get("RANK", "0") == "0":
-        print(f"student: {best}  (export: python -m training.export {best} weights/student.onnx)")
+        print(closing_hint(best))
+
+
+def closing_hint(best: Path) -> str:
+    """The last line: the checkpoint, and an export command that writes beside it (never onto weights/, the
+    shipped files: copying the export there is a choice the user makes, README "Train on FLARE22")."""
+    return f"student: {best}  (export: python -m training.export {best} {best.parent / 'student.onnx'} --fp16)"
 
 
 if __name__ == "__main__":

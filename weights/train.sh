@@ -1,17 +1,49 @@
 #!/bin/sh
 # The recipe of the shipped weights/student.onnx: synthetic CTs, a CPU-sized network.
-#   sh weights/train.sh [RUN_DIR [WEIGHTS_DIR]]
+#   sh weights/train.sh [RUN_DIR [WEIGHTS_DIR]]     # the shipped weights' recipe (about 95 min, see below)
+#   sh weights/train.sh --smoke [RUN_DIR]           # every step at toy sizes, in 2-3 minutes on 2 cores
 # Time: about 95 min on 2 idle CPU cores with native bf16 (2026-11-29; not reproduced by a committed file);
 # several hours on CPUs without bf16. Every step resumes: run the same command again after an interruption
 # (a kill, a session's end) and it continues where it stopped (docs/TRAINING.md, "Kills and resume").
 # RUN_DIR (default runs/shipped) holds the data, the teacher and the student; the exported student.onnx,
-# student.json, student.fp16.onnx and student.fp16.json go to WEIGHTS_DIR (default weights/, the shipped
-# files: give another folder to train without replacing them).
+# student.json, student.fp16.onnx and student.fp16.json go to WEIGHTS_DIR (default RUN_DIR/weights; give
+# weights to replace the shipped files).
 # On FLARE22, replace the phantoms step by your data folders and use the paper's sizes
-# (README "Training"): --width 32 --spacing 1.5,1.5,2.5 --patch-size 256 and the default epochs.
+# (README "Train on FLARE22"): --width 32 --spacing 1.5,1.5,2.5 --patch-size 256 and the default epochs.
 set -eu
+if [ "${1:-}" = "--smoke" ]; then
+    # The smoke run: phantoms -> teacher -> student -> export -> predict -> evaluate, each at the smallest
+    # sizes that run every code path (4 labelled + 2 unlabelled small phantoms, 2 folds, 1 epoch, width 8,
+    # 4 x 4 x 6 mm, 64 px patches), so the scores mean nothing: it shows that the chain works on this machine.
+    # Measured: docs/results/smoke.json (benchmarks/smoke.py). Everything goes under RUN_DIR (default
+    # runs/smoke); nothing in the repository's tracked files changes.
+    RUN=${2:-runs/smoke}
+    t0=$(date +%s)
+    say() { echo "smoke [$(($(date +%s) - t0)) s] $*"; }
+    SMALL="--width 8 --patch-size 64 --batch-size 16 --epochs 1 --val-every 1 --p-flip 0 --p-rotate 0 --p-distort 0
+           --device cpu --workers 0 --seed 0 --resume"
+    [ -f "$RUN/data/dataset.json" ] ||
+        python -m training.phantoms "$RUN/data" --labelled 4 --unlabelled 2 --validation 1 --seed 1 --size small
+    say "phantoms -> $RUN/data (4 labelled, 2 unlabelled, 1 validation CT)"
+    python -m training.teacher --data "$RUN/data/labelled" --out "$RUN/teacher" --n-folds 2 --spacing 4,4,6 $SMALL
+    say "teacher -> $RUN/teacher/teacher.json (2 folds)"
+    python -m training.student --data "$RUN/data/labelled" --unlabelled "$RUN/data/unlabelled" \
+        --teacher "$RUN/teacher/teacher.json" --validation "$RUN/data/validation" --out "$RUN/student" $SMALL
+    say "student -> $RUN/student/best.pt"
+    # torchscript: 10 s against dynamo's 26 s here, same numbers (training/export.py); its deprecation and
+    # tracer warnings are silenced. An untrained model's fp16 usually misses the agreement bar: fp32 is kept.
+    PYTHONWARNINGS=ignore python -m training.export "$RUN/student/best.pt" "$RUN/weights/student.onnx" \
+        --exporter torchscript --fp16
+    say "export -> $RUN/weights/student.onnx + student.json"
+    python -m flare_infer predict examples/inputs "$RUN/examples-pred" --model "$RUN/weights/student.onnx" --device cpu
+    say "predict -> $RUN/examples-pred (the 2 bundled example CTs)"
+    python -m flare_infer evaluate "$RUN/examples-pred" examples/labels --csv "$RUN/examples.csv"
+    say "evaluate -> $RUN/examples.csv (scores of a 1-epoch model: near 0, as expected)"
+    say "done: everything is under $RUN"
+    exit 0
+fi
 RUN=${1:-runs/shipped}
-WEIGHTS=${2:-weights}
+WEIGHTS=${2:-$RUN/weights}
 # Light augmentation: no flips or rotations (every CT is reoriented to LPS before the network, and a
 # left-right flip swaps the kidneys' and adrenals' sides), distortions at 0.1: a CPU's few thousand steps
 # learn the anatomy instead of the augmentations. --amp is bf16 on a CPU with AMX/AVX512-BF16 (about 2x
