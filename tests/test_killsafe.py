@@ -7,9 +7,9 @@ The end-to-end test runs `python -m training.student` (pseudo-labelling, then tr
 most helper processes) on tiny cases (width 4, 32 x 32 patches, `--workers 1`: each of its two loaders has a
 real worker, so a forkserver and a resource tracker exist too) and SIGKILLs it three times: while a
 pseudo-label is being written, while best.pt is being written, and at a random moment. The first two use the
-FLARE_TEST_PAUSE_AT hook (training.utils.pause_point), which stops the process between a temporary file's
-write and its rename. Every process the run started carries a tag in its environment, so survivors are found
-in /proc even after they have been re-parented.
+FLARE_TRAINING_FAULT=pause:... switch (training.utils.pause_point), which stops the process between a
+temporary file's write and its rename. Every process the run started carries a tag in its environment, so
+survivors are found in /proc even after they have been re-parented.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from flare_infer.spec import ModelSpec
+from training import utils
 from training.augment import AugmentConfig, Augmenter
 from training.data import CachedCase, EpochSampler, SliceConfig, SliceDataset, set_loader_epoch
 from training.loop import LoopConfig, best_epoch, fit, make_optimizer, make_scheduler, save_checkpoint
@@ -193,15 +194,15 @@ def test_three_sigkills_leave_nothing_behind_and_resume_to_the_uninterrupted_wei
 
     out, cache = tmp_path / "killed", tmp_path / "cache_killed"
     # 1. during pseudo-labelling: a label's temporary file written, not yet renamed
-    run = start(args("killed"), tmp_path / "kill1.log", FLARE_TEST_PAUSE_AT="write:*.pseudo.npy")
-    run.wait_for("FLARE_TEST_PAUSE_AT write:")
+    run = start(args("killed"), tmp_path / "kill1.log", FLARE_TRAINING_FAULT="pause:write:*.pseudo.npy")
+    run.wait_for("FLARE_TRAINING_FAULT pause write:")
     stray = _tmp_files(cache)
     assert any(".pseudo.npy." in p.name for p in stray), stray
     run.kill()
 
     # 2. during best.pt's write at epoch 2 (its first validation: always an improvement), after last.pt's
-    run = start([*args("killed"), "--resume"], tmp_path / "kill2.log", FLARE_TEST_PAUSE_AT="write:best.pt@2")
-    run.wait_for("FLARE_TEST_PAUSE_AT write:best.pt")
+    run = start([*args("killed"), "--resume"], tmp_path / "kill2.log", FLARE_TRAINING_FAULT="pause:write:best.pt@2")
+    run.wait_for("FLARE_TRAINING_FAULT pause write:best.pt")
     assert not any(p.exists() for p in stray), "the first kill's temporary files outlived the next start"
     assert not _dead_writers_files(out, cache)
     before, _ = run.kill()
@@ -238,7 +239,8 @@ def test_the_early_stop_hook_leaves_no_helper_process(tmp_path, start):
     data, unlabelled = _write_data(tmp_path)
     teacher = _write_teacher(tmp_path / "teacher")
     run = start(["--data", str(data), "--unlabelled", str(unlabelled), "--teacher", str(teacher),
-               "--out", str(tmp_path / "out"), *STUDENT], tmp_path / "log", TRAINING_STOP_AFTER_EPOCH="1")  # fmt: skip
+               "--out", str(tmp_path / "out"), *STUDENT], tmp_path / "log",
+              FLARE_TRAINING_FAULT="stop-after-epoch:1")  # fmt: skip
     assert run.proc.wait(300) == 137, run.text()[-3000:]
     run.wait_helpers_gone()
 
@@ -319,3 +321,47 @@ def test_only_dead_writers_temporary_files_are_removed(tmp_path):
         p.write_bytes(b"x")
     assert sorted(remove_stale_tmp(tmp_path)) == sorted([theirs, legacy])
     assert mine.exists() and other_host.exists() and kept_file.exists()
+
+
+# ----------------------------------------------------------------------------- the one fault switch
+def test_the_retired_hook_names_do_nothing_and_the_one_switch_warns_loudly(monkeypatch, capsys):
+    """A stale TRAINING_STOP_AFTER_EPOCH or FLARE_TEST_PAUSE_AT in a user's shell no longer stops or hangs
+    training (they made it os._exit(137) or sleep for good); FLARE_TRAINING_FAULT, the one switch left, is
+    announced on stderr at every start (setup_runtime) and refused when malformed. Mutations caught: the
+    warning call removed from setup_runtime; the old STOP_ENV check put back in stop_point; an unknown kind
+    accepted (returned as is)."""
+    monkeypatch.delenv(utils.FAULT_ENV, raising=False)
+    monkeypatch.setenv("TRAINING_STOP_AFTER_EPOCH", "1")
+    monkeypatch.setenv("FLARE_TEST_PAUSE_AT", "write:*")
+    monkeypatch.setattr(utils.os, "_exit", lambda code: pytest.fail(f"os._exit({code}) called"))
+    utils.stop_point(1)
+    utils.pause_point("write:best.pt")  # would sleep for good if the old name still acted
+    utils.setup_runtime("cpu")
+    assert capsys.readouterr().err == ""
+
+    monkeypatch.setenv(utils.FAULT_ENV, "stop-after-epoch:2")
+    utils.setup_runtime("cpu")
+    err = capsys.readouterr().err
+    assert "WARNING: FLARE_TRAINING_FAULT=stop-after-epoch:2 is set" in err and "exit (137)" in err
+    utils.stop_point(1)  # another epoch: goes on
+    monkeypatch.setattr(utils.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    with pytest.raises(SystemExit) as stopped:
+        utils.stop_point(2)
+    assert stopped.value.code == utils.KILLED_EXIT
+
+    for bad in ("stop_after_epoch:2", "pause", "pause:", "2"):
+        monkeypatch.setenv(utils.FAULT_ENV, bad)
+        with pytest.raises(ValueError, match="expected stop-after-epoch:N or pause:PATTERN"):
+            utils.setup_runtime("cpu")
+
+
+def test_the_pause_switch_stops_at_the_nth_matching_point(monkeypatch, capsys):
+    """pause:PATTERN@N sleeps at the N-th matching point only (the sleep replaced by an exception here)."""
+    monkeypatch.setenv(utils.FAULT_ENV, "pause:write:best.pt@2")
+    monkeypatch.setattr(utils, "_pause_hits", 0)
+    monkeypatch.setattr(utils.time, "sleep", lambda s: (_ for _ in ()).throw(TimeoutError("paused")))
+    utils.pause_point("write:last.pt")
+    utils.pause_point("write:best.pt")
+    with pytest.raises(TimeoutError):
+        utils.pause_point("write:best.pt")
+    assert f"FLARE_TRAINING_FAULT pause write:best.pt pid {os.getpid()}" in capsys.readouterr().err

@@ -176,7 +176,7 @@ def test_resume_after_a_kill_continues_from_the_last_epoch(tmp_path):
     data = write_tiny_dataset(tmp_path / "data", 5)
     out = tmp_path / "run"
     args = ["--data", str(data), "--out", str(out), "--folds", "0", *TINY, "--epochs", "3"]
-    killed = _teacher(*args, env={"TRAINING_STOP_AFTER_EPOCH": "2"})
+    killed = _teacher(*args, env={"FLARE_TRAINING_FAULT": "stop-after-epoch:2"})
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert _epochs(out / "fold_0") == [1, 2] and not (out / "fold_0" / "score.json").exists()
     first = (out / "fold_0" / "metrics.csv").read_text().splitlines()[1]

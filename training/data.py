@@ -12,6 +12,7 @@ Interface (stable; the student builds on it):
     SliceDataset(cases, SliceConfig(...), augmenter=None) -> {"image": (C, P, P) f32, "label": (P, P) i64[, "weight"]}
     make_sampler(dataset, oversample, seed, rank, world_size) -> Sampler | None   # None: the loader shuffles
     make_loader(dataset, batch_size=, workers=, oversample=, seed=, rt=) -> DataLoader  # both phases' training loader
+    closing_workers(*loaders)  # context manager: the loaders' workers end with the block (a fold, a round)
     set_loader_epoch(loader, epoch)                        # the epoch's order and per-item seeds
     EpochSampler(order, n, seed, rank)                    # (index, seed) pairs: items depend on (seed, epoch) only
     OrganBalancedSampler(presence, fraction, seed, rank, world_size)  # per-organ slice oversampling
@@ -37,6 +38,7 @@ pointing at them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -407,6 +409,23 @@ def make_loader(dataset: SliceDataset, *, batch_size: int, workers: int, oversam
         drop_last=False, multiprocessing_context="forkserver" if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),  # its worker-seed draw leaves the global RNG alone
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def closing_workers(*loaders: torch.utils.data.DataLoader):
+    """End the loaders' worker processes when the block ends (normally or by an exception): a fold's or a phase's
+    workers must not outlive it. With persistent_workers the DataLoader keeps its iterator, and with it the
+    workers, until the loader itself is collected, which for the cycles around it means a garbage-collector
+    pass: measured before this (2026-12-07, teacher, --workers 2), 2 -> 4 -> 6 workers over a 3-fold run, about
+    210 MB private memory each on the paper's data. Uses DataLoader's own shutdown (`_shutdown_workers`, which
+    joins them), as its iterator's finaliser would."""
+    try:
+        yield
+    finally:
+        for loader in loaders:
+            iterator, loader._iterator = getattr(loader, "_iterator", None), None
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
 
 
 def set_loader_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:

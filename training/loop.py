@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -58,14 +57,9 @@ from training.utils import (
     remove_stale_tmp,
     rng_state,
     set_rng_state,
+    stop_point,
     write_atomic,
 )
-
-# Test hook: with TRAINING_STOP_AFTER_EPOCH=N the process dies (no cleanup, exit 137) after epoch N's
-# checkpoint, which is what a kill at that moment leaves behind; tests use it to check --resume.
-# (training.utils.pause_point is the other hook: FLARE_TEST_PAUSE_AT=write:best.pt stops inside a write.)
-STOP_ENV = "TRAINING_STOP_AFTER_EPOCH"
-KILLED_EXIT = 137
 
 
 @dataclass(frozen=True)
@@ -296,8 +290,7 @@ def fit(
                 # the run folder names the fold (fold_K) or the student round: every epoch line says which
                 progress.console.print(f"{run_dir.name}: " + ", ".join(_fmt(k, v) for k, v in row.items()))
             barrier(rt)
-            if os.environ.get(STOP_ENV) == str(epoch + 1):
-                os._exit(KILLED_EXIT)  # test hook: die like a kill, right after this epoch's checkpoint
+            stop_point(epoch + 1)  # fault injection for tests (FLARE_TRAINING_FAULT): die like a kill here
     return history
 
 

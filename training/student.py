@@ -45,6 +45,7 @@ from training.data import (
     SliceConfig,
     SliceDataset,
     build_cache,
+    closing_workers,
     discover_labelled,
     make_loader,
     set_loader_epoch,
@@ -176,8 +177,10 @@ def train_round(labelled: list[CachedCase], pseudo: list[CachedCase], val: list[
     def validate(net: nn.Module, epoch: int) -> dict[str, float]:
         return {"val_dsc": float(np.mean(score_cases(net, val, score_cfg, rt.device)))}
 
-    return fit(model, optimizer, scheduler, make_step(cfg), lambda epoch: Alternating(lab_loader, ps_loader, epoch),
-               cfg.loop, run_dir, rt, validate_fn=validate if val else None, meta=meta, resume=resume)  # fmt: skip
+    with closing_workers(lab_loader, ps_loader):  # this round's workers end with it
+        return fit(model, optimizer, scheduler, make_step(cfg),
+                   lambda epoch: Alternating(lab_loader, ps_loader, epoch), cfg.loop, run_dir, rt,
+                   validate_fn=validate if val else None, meta=meta, resume=resume)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- all rounds

@@ -47,6 +47,7 @@ from training.data import (
     SliceConfig,
     SliceDataset,
     build_cache,
+    closing_workers,
     discover_labelled,
     make_loader,
     set_loader_epoch,
@@ -269,8 +270,9 @@ def train_fold(fold: int, split: dict, cached: dict[str, CachedCase], cfg: Teach
 
     meta = {"model_config": cfg.model.to_dict(), "spec": cfg.spec().to_dict(), "train_config": _jsonable(cfg),
             "fold": fold, "split": split}  # fmt: skip
-    history = fit(model, optimizer, scheduler, make_step(cfg), batches, cfg.loop, run_dir, rt,
-                  validate_fn=validate, meta=meta, resume=resume)  # fmt: skip
+    with closing_workers(loader):  # this fold's workers end here, not when the collector finds the loader
+        history = fit(model, optimizer, scheduler, make_step(cfg), batches, cfg.loop, run_dir, rt,
+                      validate_fn=validate, meta=meta, resume=resume)  # fmt: skip
     scores = [r["val_dsc"] for r in history if "val_dsc" in r]
     score = max(scores) if scores else float("nan")
     if rt.is_main:

@@ -15,10 +15,17 @@ Kill safety (a SIGKILL at any moment leaves nothing behind; see docs/TRAINING.md
   trainer `pid` dies. Needed because those helpers are children of the multiprocessing forkserver,
   whose own liveness check waits for them: without it a kill leaves the forkserver, the workers and
   the resource tracker running for good.
-- Test hook FLARE_TEST_PAUSE_AT=PATTERN[@N]: the N-th (default first) `pause_point` whose name matches
-  the fnmatch PATTERN prints `FLARE_TEST_PAUSE_AT <point> pid <PID>` to stderr and sleeps, so a test can
-  SIGKILL the process at that moment. Points: `write:<file name>` between a temporary file's write
-  and its rename (e.g. `write:best.pt`, `write:*.pseudo.npy`). Unset, it costs one dict lookup.
+- Fault injection for tests, one environment switch, FLARE_TRAINING_FAULT (`injected_fault`); the tests that
+  kill training need it in a child process, which monkeypatching cannot reach (forkserver workers included).
+  `setup_runtime` warns loudly on stderr when it is set, and refuses a value it does not know:
+    `stop-after-epoch:N`   training.loop exits (os._exit(137), no clean-up) right after epoch N's checkpoints;
+    `pause:PATTERN[@N]`    the N-th (default first) `pause_point` whose name matches the fnmatch PATTERN
+                           prints `FLARE_TRAINING_FAULT pause <point> pid <PID>` to stderr and sleeps, so a test
+                           can SIGKILL the process at that moment. Points: `write:<file name>` between a
+                           temporary file's write and its rename (e.g. `write:best.pt`, `write:*.pseudo.npy`).
+  Unset, each check costs one dict lookup. (Before 2026-12-07 these were two switches, TRAINING_STOP_AFTER_EPOCH
+  and FLARE_TEST_PAUSE_AT, silent: a stale one in a user's shell made training exit 137 or sleep for good;
+  both names now do nothing.)
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ def setup_runtime(device: str = "auto") -> Runtime:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    warn_test_fault()
     return Runtime(dev, rank, world, local_rank)
 
 
@@ -150,22 +158,55 @@ def set_rng_state(state: dict, rt: Runtime) -> None:
 
 
 # ----------------------------------------------------------------------------- kill safety
-PAUSE_ENV = "FLARE_TEST_PAUSE_AT"
+FAULT_ENV = "FLARE_TRAINING_FAULT"
+KILLED_EXIT = 137  # what a SIGKILL's exit status reads as
+_FAULT_KINDS = ("stop-after-epoch", "pause")
 _pause_hits = 0
 
 
+def injected_fault() -> tuple[str, str] | None:
+    """(kind, argument) of FLARE_TRAINING_FAULT (see the module docstring), None when unset or empty."""
+    value = os.environ.get(FAULT_ENV)
+    if not value:
+        return None
+    kind, sep, arg = value.partition(":")
+    if kind not in _FAULT_KINDS or not sep or not arg:
+        raise ValueError(
+            f"{FAULT_ENV}={value!r}: expected stop-after-epoch:N or pause:PATTERN[@N] (a test-only fault "
+            f"injection); unset it (`unset {FAULT_ENV}`) to train normally"
+        )
+    return kind, arg
+
+
+def warn_test_fault() -> None:
+    """Say on stderr, loudly, that this run will stop or hang on purpose (FLARE_TRAINING_FAULT is set)."""
+    fault = injected_fault()
+    if fault is not None:
+        bar = "!" * 100
+        what = "exit (137) after that epoch" if fault[0] == "stop-after-epoch" else "hang for good at that point"
+        print(f"{bar}\nWARNING: {FAULT_ENV}={os.environ[FAULT_ENV]} is set: a TEST fault injection. This run will "
+              f"{what}.\nUnset it (`unset {FAULT_ENV}`) unless a test set it.\n{bar}", file=sys.stderr, flush=True)
+
+
+def stop_point(epoch: int) -> None:
+    """Fault injection (module docstring): exit like a kill if FLARE_TRAINING_FAULT is stop-after-epoch:`epoch`."""
+    if injected_fault() == ("stop-after-epoch", str(epoch)):
+        os._exit(KILLED_EXIT)
+
+
 def pause_point(name: str) -> None:
-    """Test hook (see the module docstring): sleep here for good if FLARE_TEST_PAUSE_AT selects `name`."""
+    """Fault injection (module docstring): sleep here for good if FLARE_TRAINING_FAULT is pause:PATTERN selecting
+    `name`."""
     global _pause_hits
-    want = os.environ.get(PAUSE_ENV)
-    if not want:
+    fault = injected_fault()
+    if fault is None or fault[0] != "pause":
         return
-    pattern, _, nth = want.partition("@")
+    pattern, _, nth = fault[1].partition("@")
     if not fnmatch.fnmatchcase(name, pattern):
         return
     _pause_hits += 1
     if _pause_hits == int(nth or 1):
-        print(f"{PAUSE_ENV} {name} pid {os.getpid()}", file=sys.stderr, flush=True)
+        print(f"{FAULT_ENV} pause {name} pid {os.getpid()}", file=sys.stderr, flush=True)
         while True:
             time.sleep(60)
 
