@@ -34,6 +34,7 @@ from typing import NoReturn
 from flare_infer import io
 from flare_infer.cli import HelpFormatter
 from flare_infer.cli import choices as one_of
+from flare_infer.hosts import available_cpus
 from flare_infer.postprocess import POSTPROCESS_CHOICES
 from flare_infer.restore import RESTORE_CHOICES
 from flare_infer.session import CUDA_ARENA_LIMIT_BYTES, DEVICES, PRECISIONS
@@ -164,6 +165,8 @@ def _run_case(path: Path, output_dir: Path, model, predict_file, totals: dict, *
     except Exception as e:  # one bad case never stops the others; the reason is logged with its name
         reason = str(e) if isinstance(e, io.InputError) else f"{type(e).__name__}: {e}"
         print(f"ERROR {path.name}: {reason}", file=sys.stderr, flush=True)
+        if not isinstance(e, io.InputError):  # not the input's fault: where it happened, for a bug report
+            log.error("%s: traceback of the %s", path.name, type(e).__name__, exc_info=e)
         return False
     for stage, seconds in result.seconds.items():
         totals[stage] += seconds
@@ -256,13 +259,21 @@ def keep_freed_memory() -> bool:
     the bench CT (512 x 512 x 200, docs/PERFORMANCE.md) 264k page faults and 1.1-2.0 s of system CPU per case; with
     this, 119k and 0.7-0.9 s, and 45 MB less peak RSS (one arena instead of one per thread). Up to `KEEP_BYTES` freed
     at the heap's top stays mapped between cases.
+
+    Elsewhere (Windows: `CDLL(None)` raises TypeError; macOS: no `mallopt`) or where glibc refuses a setting
+    (mallopt returns 0) the allocator is left as it is, and a debug line says so.
     """
     try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False  # not glibc: its allocator as it is
-    settings = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, KEEP_BYTES), (M_TRIM_THRESHOLD, KEEP_BYTES))
-    return all([mallopt(param, value) == 1 for param, value in settings])
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: glibc's on Linux
+    except (OSError, AttributeError, TypeError):
+        log.debug("allocator left as it is: no mallopt in this process (%s)", sys.platform)
+        return False
+    settings = (("M_ARENA_MAX", M_ARENA_MAX, 1), ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, KEEP_BYTES),
+                ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, KEEP_BYTES))  # fmt: skip
+    refused = [f"{name}={value}" for name, param, value in settings if mallopt(param, value) != 1]  # all tried
+    if refused:
+        log.debug("mallopt refused %s: the allocator keeps its default for those", ", ".join(refused))
+    return not refused
 
 
 def no_huge_pages_for_numpy() -> bool:
@@ -280,6 +291,9 @@ def no_huge_pages_for_numpy() -> bool:
         try:
             from numpy.core.multiarray import _set_madvise_hugepage  # numpy 1.20-1.26
         except ImportError:
+            import numpy
+
+            log.debug("numpy %s has no huge-page switch: its advice left as it is", numpy.__version__)
             return False
     _set_madvise_hugepage(False)
     return True
@@ -300,8 +314,9 @@ def predict(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
     sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's header warnings are noise; refusals say why
-    if args.threads:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)  # ITK reads and writes in threads too
+    # ITK reads and writes in threads too: --threads, else at most the CPUs the host's quota allows
+    itk_default = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads or min(itk_default, available_cpus()))
     try:
         _check_choices(args)
         k, n = parse_shard(args.shard)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -301,11 +300,10 @@ def match_predictions(pred_dir: Path, gt_paths: list[Path]) -> list[tuple[Path, 
 
 
 def default_workers() -> int:
-    """The cores this process may run on (affinity/cgroup aware where the OS tells), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    """The CPUs' worth of time this process may use (affinity and cgroup CPU quota: flare_infer.hosts), at least 1."""
+    from flare_infer.hosts import available_cpus
+
+    return available_cpus()
 
 
 def evaluate_folder(

@@ -16,7 +16,6 @@ each step logged (`OnnxModel.predict`).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -107,11 +106,10 @@ class OnnxModel:
 
 
 def default_threads() -> int:
-    """The cores this process may run on (cgroup/affinity aware where the OS tells), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    """The CPUs' worth of time this process may use (affinity and cgroup CPU quota: flare_infer.hosts), at least 1."""
+    from flare_infer.hosts import available_cpus
+
+    return available_cpus()
 
 
 def _providers(device: str, available: list[str], cuda_arena_bytes: int | None = None) -> list:
