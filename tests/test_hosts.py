@@ -147,3 +147,31 @@ def test_onnxruntime_evaluate_and_itk_thread_counts_follow_the_quota(tmp_path, m
         assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
+# ----------------------------------------------------------------------------- declared dependencies
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_third_party_module_the_predict_cli_imports_is_a_core_dependency():
+    """`python -m flare_infer predict` imports (at the top or inside a function: rich for the progress bar on a
+    terminal) only the standard library, flare_infer, and distributions named in [project] dependencies. onnxruntime
+    is the one exception: its flavour is the user's choice (extras cpu, gpu) and flare_infer.session imports it.
+    Mutation caught: rich taken out of the core dependencies (as before issue 29: installed only through typer)."""
+    import ast
+    import importlib.metadata
+    import re
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib: Python 3.11+")
+    declared = {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower().replace("_", "-")
+                for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}  # fmt: skip
+    tree = ast.parse((REPO / "flare_infer" / "__main__.py").read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and n.module and not n.level}  # fmt: skip
+    third_party = sorted(names - set(sys.stdlib_module_names) - {"flare_infer", "__future__"})
+    assert "rich" in third_party  # the check below sees the function-level import
+    dists = importlib.metadata.packages_distributions()
+    undeclared = {m: dists.get(m, [m]) for m in third_party
+                  if not {d.lower().replace("_", "-") for d in dists.get(m, [m])} & declared}  # fmt: skip
+    assert not undeclared, f"imported by flare_infer/__main__.py but not in [project] dependencies: {undeclared}"
