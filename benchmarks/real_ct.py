@@ -80,7 +80,7 @@ def summarise(scores, label_zyx: np.ndarray) -> dict:
 
 
 def save_preview(image: sitk.Image, pred: sitk.Image, label: sitk.Image, out_png: Path, title: str) -> None:
-    """Two rows of the project's preview: the prediction, then the silver labels, on the same slices."""
+    """Two rows of the project's preview: the prediction, then the silver labels, on the slices the labels choose."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +92,7 @@ def save_preview(image: sitk.Image, pred: sitk.Image, label: sitk.Image, out_png
         rows = []
         for name, mask in (("prediction", pred), ("silver labels", label)):
             png = Path(tmp) / f"{name}.png"
-            one_row(image, mask, png, title=f"{title}: {name}")
+            one_row(image, mask, png, title=f"{title}: {name}", slices_from=label)
             rows.append(plt.imread(png))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=1.0) for r in rows]

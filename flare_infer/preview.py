@@ -74,7 +74,8 @@ def _views(vol_zyx: np.ndarray, centre_zyx: tuple[int, int, int], spacing_xyz) -
     ]
 
 
-def save_preview(image: sitk.Image, mask: sitk.Image | None, out_png: str | Path, *, title: str = "") -> Path:
+def save_preview(image: sitk.Image, mask: sitk.Image | None, out_png: str | Path, *, title: str = "",
+                 slices_from: sitk.Image | None = None) -> Path:
     """Draw axial, coronal and sagittal slices of `image` with `mask` (labels 1..13) overlaid; write a PNG.
 
     Args:
@@ -82,6 +83,8 @@ def save_preview(image: sitk.Image, mask: sitk.Image | None, out_png: str | Path
         mask: uint8 labels on the image's grid, or None for the CT alone.
         out_png: where to write the picture (parent folders are created).
         title: shown above the panels (e.g. the case name).
+        slices_from: another mask on the same grid whose organs choose the slices shown (default: `mask`), so
+            two previews of one CT (a prediction, its reference) show the same planes.
     """
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
@@ -97,7 +100,8 @@ def save_preview(image: sitk.Image, mask: sitk.Image | None, out_png: str | Path
     img = sitk.DICOMOrient(image, "LPS")
     vol = sitk.GetArrayFromImage(img).astype(np.float32)
     lab = sitk.GetArrayFromImage(sitk.DICOMOrient(mask, "LPS")) if mask is not None else None
-    centre = _slices_zyx(vol.shape, lab)
+    chooser = lab if slices_from is None else sitk.GetArrayFromImage(sitk.DICOMOrient(slices_from, "LPS"))
+    centre = _slices_zyx(vol.shape, chooser)
     spacing = img.GetSpacing()
     colours = ["#000000"] + [ORGAN_COLOURS[o.value] for o in ORGANS]
     cmap = ListedColormap(colours)
