@@ -3,10 +3,14 @@
     python -m flare_infer predict INPUT_DIR OUTPUT_DIR [--model weights/student.onnx] [--device auto|cuda|cpu]
         [--precision auto|fp32|fp16] [--cuda-arena-mib 768] [--batch-size N] [--postprocess none|lcc]
         [--restore linear|nearest] [--preview] [--shard K/N] [--threads N] [--no-read-ahead]
+        [--output-format nifti|dicom-seg|rtstruct] [--statistics]
 
 Every `*.nii.gz` / `*.nii` in INPUT_DIR is a case; `NAME_0000.nii.gz` writes `NAME.nii.gz`, other
-names keep theirs. A case that fails logs `ERROR <file name>: <reason>` on stderr and the others go
-on. Exit code: 0 every case written, 1 some case failed, 2 usage error (nothing was processed).
+names keep theirs. An INPUT_DIR without them is searched for DICOM files (any folder structure): each CT series
+is a case (`flare_infer.dicom`: naming, what is skipped or refused), written as NAME.nii.gz, NAME.seg.dcm or
+NAME.rtstruct.dcm (`--output-format`); `--statistics` adds NAME.statistics.json and one CSV for the run.
+A case that fails logs `ERROR <file name>: <reason>` on stderr and the others go on. Exit code: 0 every case
+written, 1 some case failed, 2 usage error (nothing was processed).
 The first case is read while onnxruntime starts, and each next case while the current one is on the
 network (`io.ReadAhead`, a background thread). argparse rather than typer here: typer (with the
 pydantic it loads to coerce options) costs 0.30 s of CPU at every start, argparse 0.03 s (measured,
@@ -28,6 +32,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -44,6 +49,7 @@ log = logging.getLogger("flare_infer")
 DEFAULT_MODEL = Path("weights/student.onnx")
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 STAGES = ("read", "preprocess", "infer", "restore", "write")
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "rtstruct")  # the last two need DICOM input (flare_infer.dicom_out)
 
 
 class UsageError(Exception):
@@ -85,13 +91,43 @@ def parse_shard(shard: str) -> tuple[int, int]:
     return k, n
 
 
-def check_folders(input_dir: Path, output_dir: Path) -> list[Path]:
-    """Cases of `input_dir`; raises `UsageError` for a missing/empty input or an unwritable output folder."""
+@dataclass
+class Outputs:
+    """What each case writes: the mask's format, the statistics, and for DICOM cases the series reader."""
+
+    format: str = "nifti"  # one of OUTPUT_FORMATS
+    statistics: bool = False  # NAME.statistics.json per case and one CSV for the run
+    dicom: object = None  # a flare_infer.dicom.SeriesReader where the cases are DICOM series, else None
+    shard: tuple[int, int] = (0, 1)
+    documents: list = field(default_factory=list)  # each written case's statistics, for the run's CSV
+
+    def name(self, path: Path) -> str:
+        if self.dicom is None:
+            return io.output_name(path)
+        from flare_infer.dicom_out import output_name
+
+        return output_name(path.name, self.format)
+
+    def writer(self, path: Path):
+        """The atomic writer of `path`'s mask: NIfTI by `io.write_mask`, DICOM by `flare_infer.dicom_out`."""
+        if self.format == "nifti":
+            return io.write_mask
+        from flare_infer import dicom_out
+
+        return lambda mask, out: dicom_out.write(self.format, mask, self.dicom.headers(path.name), out)
+
+
+def check_folders(input_dir: Path, output_dir: Path, output_format: str = "nifti") -> tuple[list[Path], object]:
+    """Cases of `input_dir` and, for DICOM series, their reader (else None); raises `UsageError` for a missing/empty
+    input, a DICOM output asked of NIfTI input, or an unwritable output folder."""
     if not input_dir.is_dir():
         raise UsageError(f"input folder {input_dir} does not exist or is not a folder")
-    cases = io.list_cases(input_dir)
+    cases, reader = io.list_cases(input_dir), None
+    if cases and output_format != "nifti":
+        raise UsageError(f"--output-format {output_format} needs DICOM input, and {input_dir} holds NIfTI files "
+                         "(*.nii.gz, *.nii): use --output-format nifti")  # fmt: skip
     if not cases:
-        raise UsageError(f"input folder {input_dir} holds no *.nii.gz or *.nii file")
+        cases, reader = _dicom_cases(input_dir, output_format)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{os.getpid()}"
@@ -99,7 +135,25 @@ def check_folders(input_dir: Path, output_dir: Path) -> list[Path]:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"output folder {output_dir} cannot be written ({e.strerror or e})") from None
-    return cases
+    return cases, reader
+
+
+def _dicom_cases(input_dir: Path, output_format: str) -> tuple[list[Path], object]:
+    """The DICOM CT series below `input_dir` as cases (one line per skipped series and bad file), and their reader."""
+    try:
+        from flare_infer import dicom
+    except ImportError as e:
+        raise UsageError(f"input folder {input_dir} holds no *.nii.gz or *.nii file, and DICOM input needs the "
+                         f"`dicom` extra (pip install -e \".[cpu,dicom]\"): {e}") from None  # fmt: skip
+    found = dicom.scan(input_dir)
+    dicom.log_scan(found, input_dir)
+    if not found.series:
+        raise UsageError(f"input folder {input_dir} holds no *.nii.gz or *.nii file and no DICOM CT series "
+                         f"({len(found.skipped)} series skipped, {len(found.bad_files)} bad DICOM files, "
+                         f"{found.not_dicom} other files)")  # fmt: skip
+    return dicom.case_paths(input_dir, found.series), dicom.SeriesReader(
+        found.series, bad_files=len(found.bad_files), keep_headers=output_format != "nifti"
+    )
 
 
 def _load(
@@ -128,7 +182,7 @@ def _save_preview(result, out_png: Path) -> None:
 
 def run_cases(
     cases: list[Path], output_dir: Path, model, *, batch_size: int, postprocess: str, preview: bool,
-    restore: str = "linear", ahead: io.ReadAhead | None = None,
+    restore: str = "linear", ahead: io.ReadAhead | None = None, outputs: Outputs | None = None,
 ) -> int:  # fmt: skip
     """Predict each case, log one line per case; return the number of failed cases.
 
@@ -139,13 +193,16 @@ def run_cases(
 
     failed = 0
     totals = dict.fromkeys(STAGES, 0.0)
+    outputs = outputs or Outputs()
     with ahead or io.ReadAhead() as ahead:
         for i, path in enumerate(_progress(cases)):
             if i + 1 < len(cases):
                 ahead.schedule(cases[i + 1])
             failed += not _run_case(path, output_dir, model, predict_file, totals, batch_size=batch_size,
                                     postprocess=postprocess, preview=preview, restore=restore,
-                                    read=ahead.read)  # fmt: skip
+                                    read=ahead.read, outputs=outputs)  # fmt: skip
+    if outputs.statistics:
+        _write_run_statistics(outputs, output_dir)
     done = len(cases) - failed
     log.info("%d of %d cases written, %d failed; seconds per stage over all cases: %s", done, len(cases), failed,
              " ".join(f"{s} {totals[s]:.1f}" for s in STAGES))  # fmt: skip
@@ -153,14 +210,15 @@ def run_cases(
 
 
 def _run_case(path: Path, output_dir: Path, model, predict_file, totals: dict, *, batch_size: int, postprocess: str,
-              preview: bool, restore: str, read=io.read_ct) -> bool:  # fmt: skip
+              preview: bool, restore: str, read=io.read_ct, outputs: Outputs | None = None) -> bool:  # fmt: skip
     """One case, logged; False (and an `ERROR <file name>: <reason>` line) if it failed."""
-    out_path = output_dir / io.output_name(path)
+    outputs = outputs or Outputs()
+    out_path = output_dir / outputs.name(path)
     try:
         result = predict_file(
             path, out_path, model.predict, model.spec,
             batch_size=batch_size, postprocess=postprocess, fixed_batch=model.fixed_batch, restore_method=restore,
-            read=read,
+            read=read, write=outputs.writer(path),
         )  # fmt: skip
     except Exception as e:  # one bad case never stops the others; the reason is logged with its name
         reason = str(e) if isinstance(e, io.InputError) else f"{type(e).__name__}: {e}"
@@ -172,9 +230,34 @@ def _run_case(path: Path, output_dir: Path, model, predict_file, totals: dict, *
         totals[stage] += seconds
     stages = " ".join(f"{s} {result.seconds[s]:.2f}s" for s in STAGES)
     log.info("%s -> %s: %s [%s]", path.name, out_path.name, stages, model.provider)
+    stem = out_path.name.split(".nii")[0] if outputs.dicom is None else path.name
     if preview:
-        _save_preview(result, out_path.with_name(out_path.name.split(".nii")[0] + ".png"))
+        _save_preview(result, out_path.with_name(stem + ".png"))
+    if outputs.statistics:
+        return _write_case_statistics(result, stem, out_path.parent, outputs)
     return True
+
+
+def _write_case_statistics(result, stem: str, output_dir: Path, outputs: Outputs) -> bool:
+    """NAME.statistics.json of a written case (on the input's grid, from the mask written); False if it failed."""
+    from flare_infer import statistics
+
+    try:
+        document = statistics.case_document(stem, result.image, result.mask)
+        statistics.write_case_json(document, output_dir / statistics.json_name(stem))
+    except Exception as e:  # the mask is written; the case is failed all the same, as its asked-for output is not
+        print(f"ERROR {stem}: statistics not written ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        return False
+    outputs.documents.append(document)
+    return True
+
+
+def _write_run_statistics(outputs: Outputs, output_dir: Path) -> None:
+    from flare_infer import statistics
+
+    path = output_dir / statistics.csv_name(outputs.shard)
+    statistics.write_csv(outputs.documents, path)
+    log.info("statistics of %d cases in %s", len(outputs.documents), path)
 
 
 def _progress(cases: list[Path]):
@@ -243,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_at_least(1), help="CPU threads, onnxruntime and ITK (default: all allowed)")
     p.add_argument("--read-ahead", action=argparse.BooleanOptionalAction, default=True,
                    help="read the next case in a background thread (holds one more CT)")  # fmt: skip
+    p.add_argument("--output-format", default="nifti", choices=OUTPUT_FORMATS,
+                   help="nifti: NAME.nii.gz; dicom-seg: NAME.seg.dcm (DICOM Segmentation); rtstruct: NAME.rtstruct.dcm "
+                        "(RT Structure Set); the DICOM ones need DICOM input (the `dicom` extra)")  # fmt: skip
+    p.add_argument("--statistics", action=argparse.BooleanOptionalAction, default=False,
+                   help="also write NAME.statistics.json per case (volume, HU, bounding box, cut by the edge) and "
+                        "statistics.csv for the run")  # fmt: skip
     return parser
 
 
@@ -320,13 +409,15 @@ def predict(args: argparse.Namespace) -> int:
     try:
         _check_choices(args)
         k, n = parse_shard(args.shard)
-        cases = check_folders(args.input_dir, args.output_dir)[k::n]
+        cases, dicom_reader = check_folders(args.input_dir, args.output_dir, args.output_format)
+        cases = cases[k::n]
         model_path = resolve_model(args.model)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     start = time.perf_counter()
-    with io.ReadAhead(enabled=args.read_ahead) as ahead:
+    outputs = Outputs(args.output_format, args.statistics, dicom_reader, (k, n))
+    with io.ReadAhead(enabled=args.read_ahead, read=dicom_reader) as ahead:
         if cases:
             ahead.schedule(cases[0])  # read while onnxruntime loads and the session is built
         try:
@@ -335,12 +426,16 @@ def predict(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE
         log.info("model %s on %s; %d cases (shard %d/%d)", loaded.model_path, loaded.provider, len(cases), k, n)
+        trained_on = loaded.spec.extra.get("trained_on")
+        if trained_on:  # once per run: no user takes phantom-trained weights for a FLARE22 model (issue 26)
+            log.info("weights trained on %s", trained_on)
         if loaded.provider == "CPUExecutionProvider" and args.device != "cpu":
             log.info("no usable NVIDIA GPU (no driver visible or no CUDA in this onnxruntime): running on the CPU")
         failed = run_cases(
             cases, args.output_dir, loaded, batch_size=args.batch_size, postprocess=args.postprocess,
-            preview=args.preview, restore=args.restore, ahead=ahead,
+            preview=args.preview, restore=args.restore, ahead=ahead, outputs=outputs,
         )  # fmt: skip
+        failed += getattr(dicom_reader, "bad_files", 0)  # DICOM files whose header was unusable: ERROR lines above
     log.info("total %.1f s", time.perf_counter() - start)
     return EXIT_CASE_FAILED if failed else EXIT_OK
 

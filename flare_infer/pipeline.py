@@ -229,10 +229,12 @@ def predict_file(
     fixed_batch: bool = False,
     restore_method: str = "linear",
     read: Callable[[Path], sitk.Image] = io.read_ct,
+    write: Callable[[sitk.Image, Path], None] = io.write_mask,
 ) -> CaseResult:
     """Read, prepare, infer, restore, write atomically; the stage times are what the CLI logs.
 
-    `read` is `io.read_ct` or a `io.ReadAhead`'s `read` (the file read in the background beforehand).
+    `read` is `io.read_ct` or a `io.ReadAhead`'s `read` (the file read in the background beforehand); `write` is
+    `io.write_mask` or another atomic writer of the mask to `output_path` (the CLI's DICOM outputs).
     """
     result = CaseResult()
     t = time.perf_counter()
@@ -252,7 +254,7 @@ def predict_file(
         restore_method=restore_method, timed=timed,
     )  # fmt: skip
     t = result.timed("restore", clock["t"])
-    io.write_mask(mask, output_path)
+    write(mask, output_path)
     result.timed("write", t)
     result.image, result.mask = image, mask
     return result
