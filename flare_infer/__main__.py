@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=HelpFormatter)  # fmt: skip
     for name, (_, summary) in TOOLS.items():  # listed here; app() hands their arguments to their module
         commands.add_parser(name, help=summary, add_help=False)
-    p.add_argument("input_dir", type=Path, metavar="INPUT_DIR", help="folder of CTs (*.nii.gz, *.nii)")
+    p.add_argument("input_dir", type=Path, metavar="INPUT_DIR",
+                   help="folder of CTs (*.nii.gz, *.nii), or of DICOM files (each CT series a case)")  # fmt: skip
     p.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="folder for the masks (created)")
     p.add_argument("--model", type=Path, help="NAME.onnx with NAME.json beside it (default: weights/student.onnx)")
     p.add_argument("--device", default="auto", metavar=one_of(DEVICES),

@@ -22,6 +22,7 @@ centres, so a one-pixel-wide organ has no area.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from flare_infer.labels import ORGANS
+
+# highdicom logs every module it copies at INFO, which the CLI's log would show: its warnings are enough
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 MANUFACTURER = "flare-ts"
 MODEL_NAME = "flare_infer"
