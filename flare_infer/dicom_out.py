@@ -83,11 +83,17 @@ def output_name(case_name: str, output_format: str) -> str:
 
 
 def _check_grid(mask: sitk.Image, headers) -> np.ndarray:
-    """The mask's (Z, Y, X) labels; `ValueError` unless it has one slice per header and the headers' rows/columns."""
+    """The mask's (Z, Y, X) labels; `ValueError` unless it has one slice per header and the headers' rows/columns,
+    and at least one organ (a SEG needs one segment, an RTSTRUCT one ROI)."""
     labels_zyx = sitk.GetArrayViewFromImage(mask)
     expected = (len(headers), int(headers[0].Rows), int(headers[0].Columns))
     if labels_zyx.shape != expected:
         raise ValueError(f"the mask's (Z, Y, X) shape {labels_zyx.shape} is not the series's {expected}")
+    if not labels_zyx.any():
+        raise ValueError(
+            "no organ found in this series, and a DICOM SEG or RTSTRUCT must hold at least one segment or ROI: "
+            "nothing written (--output-format nifti writes the empty mask)"
+        )
     return labels_zyx
 
 

@@ -147,6 +147,16 @@ def test_a_mask_off_the_series_grid_is_refused_and_nothing_written(tmp_path, ser
     assert not any(tmp_path.iterdir())
 
 
+def test_an_empty_mask_is_refused_with_the_reason_and_nothing_written(tmp_path, series_and_mask):
+    volume, mask = series_and_mask
+    empty = sitk.Image(mask.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(mask)
+    for write in (dicom_out.write_seg, dicom_out.write_rtstruct):
+        with pytest.raises(ValueError, match="no organ found in this series"):
+            write(empty, volume.headers, tmp_path / "case.dcm")
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_failed_write_leaves_no_file(tmp_path, series_and_mask, monkeypatch):
     volume, mask = series_and_mask
 
