@@ -365,3 +365,28 @@ def test_the_pause_switch_stops_at_the_nth_matching_point(monkeypatch, capsys):
     with pytest.raises(TimeoutError):
         utils.pause_point("write:best.pt")
     assert f"FLARE_TRAINING_FAULT pause write:best.pt pid {os.getpid()}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- hosts other than Linux
+def test_helper_processes_are_spawned_where_there_is_no_forkserver(tmp_path, monkeypatch):
+    """Windows has no forkserver: the loader (and the cache pool) then spawn their workers instead of failing with
+    ValueError at the first fold. Mutation caught: "forkserver" unconditionally."""
+    from training import data
+
+    ds = SliceDataset(_cases(tmp_path), SliceConfig(patch_size=32))
+    rt = Runtime(torch.device("cpu"))
+    loader = data.make_loader(ds, batch_size=2, workers=1, oversample=0.0, seed=0, rt=rt)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"  # Linux, as tested everywhere else
+    monkeypatch.setattr(data, "get_all_start_methods", lambda: ["spawn"])  # what Windows offers
+    loader = data.make_loader(ds, batch_size=2, workers=1, oversample=0.0, seed=0, rt=rt)
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+
+
+def test_pid_alive_on_windows_asks_psutil_and_never_os_kill(monkeypatch):
+    """On Windows os.kill(pid, 0) would send CTRL_C_EVENT to the process group instead of probing (remove_stale_tmp
+    runs it at every start). Mutation caught: the win32 branch removed (os.kill called)."""
+    psutil = pytest.importorskip("psutil", reason="psutil (the train extra) answers on Windows")
+    monkeypatch.setattr(psutil, "pid_exists", lambda pid: pid == 4242)  # Windows' answer (Linux's psutil uses kill)
+    monkeypatch.setattr(utils.sys, "platform", "win32")
+    monkeypatch.setattr(utils.os, "kill", lambda *a: pytest.fail(f"os.kill{a} on Windows"))
+    assert utils.pid_alive(4242) and not utils.pid_alive(4243)

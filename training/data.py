@@ -45,7 +45,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import partial
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,12 @@ from flare_infer.labels import NUM_CLASSES
 from flare_infer.spec import ModelSpec
 from training.augment import Augmenter
 from training.utils import Runtime, exit_with, remove_stale_tmp, write_atomic
+
+
+def start_method() -> str:
+    """How helper processes (loader and cache workers) start: from the forkserver (torch's threads in the parent
+    make a plain fork unsafe); Windows has none, and there they are spawned (slower to start, the same work)."""
+    return "forkserver" if "forkserver" in get_all_start_methods() else "spawn"
 
 
 class DatasetError(ValueError):
@@ -228,9 +234,9 @@ def build_cache(
                     _prepare_one(case, spec.to_dict(), root)
                     progress.advance(task)
             else:
-                # forkserver: torch's threads in the parent make fork unsafe. exit_with: die with this process.
+                # start_method(): not a plain fork. exit_with: die with this process.
                 with ProcessPoolExecutor(
-                    workers, mp_context=get_context("forkserver"), initializer=exit_with, initargs=(os.getpid(),)
+                    workers, mp_context=get_context(start_method()), initializer=exit_with, initargs=(os.getpid(),)
                 ) as pool:
                     futures = [pool.submit(_prepare_one, c, spec.to_dict(), root) for c in todo]
                     for fut in as_completed(futures):
@@ -406,7 +412,7 @@ def make_loader(dataset: SliceDataset, *, batch_size: int, workers: int, oversam
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=rt.is_cuda,
         worker_init_fn=partial(worker_init, trainer_pid=os.getpid()), persistent_workers=workers > 0,
-        drop_last=False, multiprocessing_context="forkserver" if workers > 0 else None,
+        drop_last=False, multiprocessing_context=start_method() if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),  # its worker-seed draw leaves the global RNG alone
     )  # fmt: skip
 

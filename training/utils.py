@@ -235,6 +235,10 @@ _TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)(?:@(?P<host>[^/@]+?))?\
 
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` runs on this machine (a zombie, killed but not yet reaped, counts as dead)."""
+    if sys.platform == "win32":  # os.kill(pid, 0) there sends CTRL_C_EVENT (signal 0) instead of probing
+        import psutil  # the train extra
+
+        return psutil.pid_exists(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
