@@ -78,6 +78,44 @@ def test_every_help_shows_defaults_and_choices_without_python_tuples(command):
         assert "--device auto|cuda|cpu" in text and "--postprocess none|lcc" in text and "(default: 16)" in text
 
 
+TRAINING_CLIS = ["phantoms", "fingerprint", "teacher", "pseudo", "student", "export", "reproduce"]
+
+
+@pytest.mark.parametrize("name", TRAINING_CLIS)
+def test_every_training_option_is_described_with_its_default_in_one_plain_style(name):
+    import importlib
+
+    import typer
+
+    module = importlib.import_module(f"training.{name}")
+    app = getattr(module, "app", None)
+    if app is None:  # a plain function that the module's __main__ wraps in training.cli.typer_app()
+        app = typer.Typer()
+        app.command()(module.main)
+    params = typer.main.get_command(app).params
+    assert [p.name for p in params if not (getattr(p, "help", None) or "").strip()] == [], name
+    proc = run("-m", f"training.{name}", "--help", env={"COLUMNS": "250"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"Usage: python -m training.{name} ")  # click's plain help, not rich's boxes
+    assert not set("╭│╰") & set(proc.stdout)
+    for p in params:
+        if p.param_type_name == "option" and p.default is not None and not p.required:
+            at = proc.stdout.rindex(f"\n  {p.opts[0]} ")  # its own line, after any mention in the description
+            block = " ".join(proc.stdout[at : proc.stdout.find("\n  -", at + 1)].split())  # click wraps at 80
+            assert "[default: " in block, (name, p.opts[0], block)
+
+
+def test_phantoms_without_size_write_the_small_cases_the_docs_recommend(tmp_path):
+    proc = run("-m", "training.phantoms", str(tmp_path / "data"), "--labelled", "1", "--unlabelled", "0",
+               "--validation", "0")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (image,) = (tmp_path / "data" / "labelled" / "images").iterdir()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(image))
+    reader.ReadImageInformation()
+    assert max(reader.GetSize()[:2]) <= 160 and min(reader.GetSpacing()[:2]) >= 2.2  # small, not full's 512 x 0.8 mm
+
+
 # ------------------------------------------------------------------------------ one-line errors
 def test_preview_of_an_unreadable_file_is_one_line_naming_it(tmp_path):
     bad = tmp_path / "broken.nii.gz"

@@ -402,7 +402,7 @@ def main(
     check: bool = typer.Option(True, "--check/--no-check", help="parity with torch (and fp16 agreement)"),
     check_cases: Path = typer.Option(None, help="folder of CTs for the checks (default: 2 generated CTs)"),
     exporter: str = typer.Option("dynamo", help="dynamo (opset 18) or torchscript (legacy, opset 17)"),
-    opset: int = typer.Option(18),
+    opset: int = typer.Option(18, help="ONNX opset of the dynamo exporter (torchscript: at most 17)"),
     parity_factor: float = typer.Option(4.0, help="ONNX's max abs logit error against torch float64 may be this many "
                                         "times torch float32's own (measured 0.8-1.4 x on correct exports)"),
     parity_floor: float = typer.Option(1e-5, help="... plus this absolute error"),

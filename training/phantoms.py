@@ -29,9 +29,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import SimpleITK as sitk
+import typer
 
 from flare_infer.labels import LABEL_NAMES
 from training import acquisition as scan  # the scanner: grid, reconstruction, table (training/acquisition.py)
@@ -943,15 +945,23 @@ class LayoutChoice(str, Enum):  # --layout
 
 
 def main(
-    out_dir: Path,
-    labelled: int = 50,
-    unlabelled: int = 200,
-    validation: int = 20,
-    seed: int = 0,
-    size: SizeChoice = SizeChoice.full,
-    layout: LayoutChoice = LayoutChoice.flare22,
-    acquisition: AcquisitionMode = AcquisitionMode.default,
-    intensity: IntensityChoice = IntensityChoice.classic,
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="folder to write (FLARE22 layout: labelled/, "
+                                            "unlabelled/, validation/, dataset.json)", show_default=False)],
+    labelled: Annotated[int, typer.Option(help="labelled CTs with labels (the narrow domain)")] = 50,
+    unlabelled: Annotated[int, typer.Option(help="unlabelled CTs (the wide domain)")] = 200,
+    validation: Annotated[int, typer.Option(help="validation CTs with labels (the wide domain)")] = 20,
+    seed: Annotated[int, typer.Option(help="the set's seed: the same seed writes the same files")] = 0,
+    size: Annotated[SizeChoice, typer.Option(help="small: 128-160 px at 2.2-3.2 mm in-plane, for tests and CPU "
+                                             "training; full: FLARE22-like 384-512 px at 0.6-1.0 mm "
+                                             "(docs/PHANTOMS.md)")] = SizeChoice.small,
+    layout: Annotated[LayoutChoice, typer.Option(help="flare22: a dataset; examples: regenerate the bundled "
+                                                 "examples/ (counts and --size ignored)")] = LayoutChoice.flare22,
+    acquisition: Annotated[AcquisitionMode, typer.Option(help="default: field of view, padding, table, kernel and "
+                                                         "z-coverage vary at each split's rates; none: clean "
+                                                         "scans")] = AcquisitionMode.default,
+    intensity: Annotated[IntensityChoice, typer.Option(help="classic: one HU table per contrast phase; randomised: "
+                                                       "HU, texture and noise drawn wide per case "
+                                                       "(training/intensity.py)")] = IntensityChoice.classic,
 ) -> None:
     """Generate a synthetic FLARE22-style set (layout flare22) or the bundled examples (layout examples).
 
@@ -960,8 +970,6 @@ def main(
     case's HU, texture and noise wide (training/intensity.py; docs/PHANTOMS.md), for training that must
     transfer to real CT.
     """
-    import typer
-
     size, layout = SizeChoice(size).value, LayoutChoice(layout).value  # the enums or their strings
     t0 = time.perf_counter()
     if layout == "examples":
@@ -975,6 +983,8 @@ def main(
 
 
 if __name__ == "__main__":
-    import typer
+    from training.cli import typer_app
 
-    typer.run(main)
+    app = typer_app()
+    app.command()(main)
+    app()

@@ -264,4 +264,8 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    from training.cli import typer_app
+
+    app = typer_app()
+    app.command()(main)
+    app()

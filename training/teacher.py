@@ -421,24 +421,25 @@ def main(
     n_folds: int = typer.Option(NUM_FOLDS, min=MIN_FOLDS, help=f"cross-validation folds, at least {MIN_FOLDS} and at "
                                 f"most the labelled cases; the teacher is the best {TEACHER_SIZE} folds, or every "
                                 f"fold when there are fewer than {TEACHER_SIZE}"),  # fmt: skip
-    epochs: int = typer.Option(3000),
-    batch_size: int = typer.Option(40),
-    lr: float = typer.Option(2e-4),
+    epochs: int = typer.Option(3000, help="epochs per fold (the paper's; a CPU run wants tens, the smoke run 1)"),
+    batch_size: int = typer.Option(40, help="slices per batch"),
+    lr: float = typer.Option(2e-4, help="initial learning rate, polynomial decay to 0 (Adam)"),
     beta: float = typer.Option(0.65, help="Eq. 1: weight of the Dice term"),
     aux_weight: float = typer.Option(0.1, help="deep-supervision loss weight"),
     width: int = typer.Option(32, help="U-Net base channels"),
-    depth: int = typer.Option(5),
+    depth: int = typer.Option(5, help="U-Net encoder levels, the first at full resolution; >= 3"),
     in_channels: int = typer.Option(1, help="adjacent slices as channels (odd)"),
-    patch_size: int = typer.Option(256),
+    patch_size: int = typer.Option(256, help="square training crop of each slice, px (at --spacing)"),
     spacing: str = typer.Option("1.5,1.5,2.5", help="x,y,z mm"),
     p_flip: float = typer.Option(0.5, help="probability of each flip"),
-    p_rotate: float = typer.Option(0.5),
+    p_rotate: float = typer.Option(0.5, help="probability of a random rotation"),
     p_distort: float = typer.Option(0.2, help="probability of each of elastic, grid, optical distortion"),
     val_every: int = typer.Option(50, help="epochs between validations (and at the last epoch)"),
     device: str = typer.Option("auto", help="auto|cuda|cpu"),
-    amp: bool = typer.Option(True, "--amp/--no-amp"),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="mixed precision: bf16 where the GPU or CPU runs it "
+                             "natively, fp16 on older GPUs, else float32"),
     resume: bool = typer.Option(False, help="continue each fold from its last.pt"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the split, the initialisation and the sampling"),
     oversample: float = typer.Option(
         0.0, help="share of training slices drawn to hold an organ chosen uniformly (small organs oversampled; 0 = "
         "the paper's uniform shuffle)"),
