@@ -61,17 +61,19 @@ class SeriesSpec:
     series_number: int = 3
     description: str = "Abdomen 2.5mm"
     padding: int | None = None  # stored PixelPaddingValue; where hu_zyx is NaN the stored value is this
+    signed: bool = False  # int16 stored values (PixelRepresentation 1), else uint16
     positions: np.ndarray | None = None  # (Z, 3) ImagePositionPatient override (gaps, tilt)
 
 
 def stored_values(spec: SeriesSpec) -> np.ndarray:
-    """uint16 stored values: (HU - intercept) / slope, rounded; NaN voxels hold the padding value."""
+    """uint16 (int16 if `signed`) stored values: (HU - intercept) / slope, rounded; NaN voxels hold the padding."""
     hu = np.asarray(spec.hu_zyx, np.float64)
     stored = np.round((np.nan_to_num(hu, nan=0.0) - spec.intercept) / spec.slope)
     if spec.padding is not None:
         stored[np.isnan(hu)] = spec.padding
-    assert stored.min() >= 0 and stored.max() < 2**16, "the test volume does not fit uint16"
-    return stored.astype(np.uint16)
+    dtype = np.int16 if spec.signed else np.uint16
+    assert np.iinfo(dtype).min <= stored.min() and stored.max() <= np.iinfo(dtype).max, "the volume does not fit"
+    return stored.astype(dtype)
 
 
 def positions(spec: SeriesSpec) -> np.ndarray:
@@ -128,7 +130,7 @@ def slice_dataset(spec: SeriesSpec, z: int, stored: np.ndarray, position: np.nda
     ds.KVP, ds.AcquisitionNumber = 120, 1
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = stored.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(spec.signed)
     if spec.modality == "CT":
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = spec.intercept, spec.slope, "HU"
     if spec.padding is not None:

@@ -83,6 +83,16 @@ def test_padding_value_becomes_air(tmp_path):
     assert_same_image(image, expected_image(spec))
 
 
+def test_signed_stored_values_and_a_negative_padding_value(tmp_path):
+    hu = body_hu().astype(np.float64)
+    hu[:, :, :3] = np.nan  # stored as the signed padding value -2000, which is -2000 HU if not honoured
+    spec = SeriesSpec(hu_zyx=hu, intercept=0.0, signed=True, padding=-2000)
+    write_series(tmp_path, spec)
+    image = read_only_series(tmp_path).image
+    assert image.GetPixelID() == sitk.sitkInt16  # signed 16 bits with intercept 0: every storable value fits
+    assert_same_image(image, expected_image(spec))
+
+
 def test_each_series_is_a_case_and_the_rest_is_skipped_with_its_reason(tmp_path):
     shape = body_hu().shape
     specs = {
