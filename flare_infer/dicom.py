@@ -5,8 +5,8 @@ path gives (so `flare_infer.pipeline` never knows the difference).
 
 The CLI comes here only when INPUT_DIR holds no `*.nii.gz` / `*.nii`; pydicom (the `dicom` extra) is imported then.
 
-- Every file below INPUT_DIR with the DICOM preamble is read (header only); files without it are ignored, counted
-  in one log line. Each SeriesInstanceUID is one series.
+- Every file below INPUT_DIR (hidden files and folders left out) with the DICOM preamble is read, header only;
+  files without it are ignored, counted in one log line. Each SeriesInstanceUID is one series.
 - Skipped, with one `SKIP` line each (not a failure): another modality than CT, another SOP class than CT Image
   Storage (secondary captures, dose reports, Enhanced CT), localizers/scouts (ImageType LOCALIZER), single images.
 - Refused when read, with one `ERROR <case>: <reason>` line (a failed case): slices of different size, spacing or
@@ -34,7 +34,7 @@ import re
 import sys
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +116,7 @@ def scan(input_dir: str | Path) -> Scan:
     """Every DICOM file below `input_dir`, grouped by SeriesInstanceUID; headers only (no pixel data read)."""
     found = Scan()
     groups: dict[str, list[tuple[Path, object]]] = defaultdict(list)
-    for path in sorted(p for p in Path(input_dir).rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in Path(input_dir).rglob("*") if p.is_file() and not _hidden(p, input_dir)):
         if not has_preamble(path):
             found.not_dicom += 1
             continue
@@ -141,6 +141,10 @@ def scan(input_dir: str | Path) -> Scan:
     found.series = name_series(found.series)
     found.skipped.sort()
     return found
+
+
+def _hidden(path: Path, root: str | Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def _series_of(uid: str, members: list) -> Series:
@@ -182,7 +186,7 @@ def name_series(series: list[Series]) -> list[Series]:
     names = [name(s, 40) if names.count(n) > 1 else n for s, n in zip(series, names, strict=True)]
     if len(set(names)) != len(names):  # two identical SeriesInstanceUIDs cannot be: grouping is by UID
         raise AssertionError(f"case names collide: {names}")
-    named = [Series(**{**s.__dict__, "name": n}) for s, n in zip(series, names, strict=True)]
+    named = [replace(s, name=n) for s, n in zip(series, names, strict=True)]
     return sorted(named, key=lambda s: s.name)
 
 

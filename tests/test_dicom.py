@@ -105,6 +105,7 @@ def test_each_series_is_a_case_and_the_rest_is_skipped_with_its_reason(tmp_path)
     for name, spec in specs.items():
         write_series(tmp_path / "study", spec, prefix=name)  # all in one folder
     (tmp_path / "study" / "README.txt").write_text("not DICOM")
+    write_series(tmp_path / ".trash", SeriesSpec(hu_zyx=body_hu()))  # a hidden folder: not looked at
     found = dicom.scan(tmp_path)
     assert sorted(s.uid for s in found.series) == sorted([specs["ct1"].series_uid, specs["ct2"].series_uid])
     names = [s.name for s in found.series]
