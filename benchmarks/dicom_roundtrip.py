@@ -4,12 +4,15 @@ series' mask read back and compared with it, and the stages timed.
 
     python benchmarks/dicom_roundtrip.py                      # -> docs/results/dicom_roundtrip.json
     python benchmarks/dicom_roundtrip.py --ct A.nii.gz --ct B.nii.gz --out R.json
+    python benchmarks/dicom_roundtrip.py --bench-slices 200 --out docs/results/dicom_roundtrip_512.json
 
 Default CTs: the bundled phantom `examples/inputs/FLARE22_Ex_0001_0000.nii.gz` and, where `../shared` is beside
-the clone, the real CT `../shared/data/real-ct/example_ct.nii.gz` (int32, RAS). The series are written by the
-tests' writer (`tests/dicom_series.py`: pydicom, stored = HU + 2048 as uint16, intercept -2048), read back by the
-tests' readers (`tests/test_dicom_output.py`: highdicom for SEG, an even-odd centre-in-polygon fill for RTSTRUCT).
-Needs the `dicom` and `dev` extras. Times are one run each on this machine (CPU), not a benchmark of record.
+the clone, the real CT `../shared/data/real-ct/example_ct.nii.gz` (int32, RAS); with `--bench-slices N` instead,
+the generated 512 x 512 x N CT of benchmarks/bench_pipeline.py (a clinical size, for the times). The series are
+written by the tests' writer (`tests/dicom_series.py`: pydicom, stored = HU + 2048 as uint16, intercept -2048), read
+back by the tests' readers (`tests/test_dicom_output.py`: highdicom for SEG, an even-odd centre-in-polygon fill
+for RTSTRUCT). Needs the `dicom` and `dev` extras. Times are one run each on this machine (CPU), not a benchmark
+of record.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from dicom_series import SeriesSpec, write_series  # noqa: E402
 from test_dicom_output import rtstruct_labels, seg_labels  # noqa: E402
@@ -96,7 +99,7 @@ def one_case(ct: Path, syntax: str, model, work: Path) -> dict:
     seg_back = seg_labels(folder / "out.seg.dcm", headers)
     rt_back = rtstruct_labels(folder / "out.rtstruct.dcm", mask, headers)
     return {
-        "ct": os.path.relpath(ct, ROOT),
+        "ct": ct.name if ct.name.startswith("generated_") else os.path.relpath(ct, ROOT),
         "syntax": syntax,
         "size_xyz": list(image.GetSize()),
         "organs_present": sorted(int(v) for v in np.unique(labels) if v),
@@ -118,12 +121,18 @@ def one_case(ct: Path, syntax: str, model, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ct", type=Path, action="append", help="a NIfTI CT (repeatable; default: see above)")
+    parser.add_argument("--bench-slices", type=int, help="instead: the generated 512 x 512 x N CT of bench_pipeline")
     parser.add_argument("--model", type=Path, default=ROOT / "weights/student.onnx")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/dicom_roundtrip.json")
     args = parser.parse_args(argv)
     cts = args.ct or [p for p in DEFAULT_CTS if p.is_file()]
     model = load_model(args.model, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.bench_slices:
+            from bench_pipeline import generate_ct
+
+            cts = [Path(tmp) / f"generated_512x512x{args.bench_slices}.nii.gz"]
+            sitk.WriteImage(generate_ct(args.bench_slices), str(cts[0]))
         cases = [one_case(ct, syntax, model, Path(tmp)) for ct in cts for syntax in ("explicit", "jpeg2000")]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
