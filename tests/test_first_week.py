@@ -224,6 +224,22 @@ def test_the_smoke_recipe_runs_the_whole_chain_at_toy_sizes_under_its_run_folder
         assert any(f"{step} -> {run_dir}" in line for line in said), (step, said)
 
 
+def test_no_document_names_a_path_of_the_machine_it_was_written_on():
+    docs = [REPO / "README.md", *sorted(REPO.glob("docs/*.md")), *sorted(REPO.glob("*/README.md"))]
+    found = {str(doc.relative_to(REPO)): re.findall(r"(?<![\w.])/(?:work|home|root|Users)/[\w./-]*", doc.read_text())
+             for doc in docs}  # fmt: skip
+    assert {name: paths for name, paths in found.items() if paths} == {}
+
+
+def test_the_reproduction_report_names_its_run_folder_run_dir():
+    from training.reproduce import run_dir_as_placeholder
+
+    out = Path("runs") / "reproduce"  # as given on the command line; the report may hold its absolute form too
+    text = f"`python -m training.teacher --data {out}/data --out {out}/teacher` and {out.resolve()}/logs"
+    expected = "`python -m training.teacher --data RUN_DIR/data --out RUN_DIR/teacher` and RUN_DIR/logs"
+    assert run_dir_as_placeholder(text, out) == expected
+
+
 # ------------------------------------------------------------------------------ upper-case extensions
 def test_upper_case_extensions_are_cases_and_their_masks_get_lower_case_names(tmp_path):
     inputs = tmp_path / "in"

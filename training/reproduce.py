@@ -631,7 +631,14 @@ def write_report(path: Path, plan: Plan, results: dict, timings: dict, steps: St
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(text))
+    path.write_text(run_dir_as_placeholder("\n".join(text), out))
+
+
+def run_dir_as_placeholder(text: str, out: Path) -> str:
+    """The run folder written as RUN_DIR (the --out given), so the report names no path of the machine it ran on."""
+    for form in sorted({str(out), str(out.resolve())}, key=len, reverse=True):  # the longer first: no half match
+        text = text.replace(form, "RUN_DIR")
+    return text
 
 
 # ----------------------------------------------------------------------------- orchestration
