@@ -167,8 +167,11 @@ def test_three_cases_train_two_folds_whose_log_names_each_fold_and_both_form_the
     lines = proc.stdout.splitlines()
     heads = [i for i, line in enumerate(lines) if line.startswith("fold_") and "training cases" in line]
     assert [lines[i].split(":")[0] for i in heads] == ["fold_0", "fold_1"]
-    # every epoch line names its fold too
-    assert lines[heads[0] + 1].startswith("fold_0: epoch 1") and lines[heads[1] + 1].startswith("fold_1: epoch 1")
+    # every epoch line names its fold too, and so does each progress line within the epoch (off a terminal)
+    epochs = [next(line for line in lines[i + 1 :] if ": epoch" in line) for i in heads]
+    assert epochs[0].startswith("fold_0: epoch 1") and epochs[1].startswith("fold_1: epoch 1")
+    steps = [line for line in lines if " step " in line]
+    assert steps and all(line.startswith(("fold_0 epoch 1/1 step", "fold_1 epoch 1/1 step")) for line in steps)
 
 
 @pytest.mark.slow
