@@ -70,6 +70,7 @@ _CAVITY_ONLY[[CAVITY_FAT]] = True
 
 PHASES = ("plain", "arterial", "portal", "delayed")
 INTENSITIES = ("classic", "randomised")
+ANATOMIES = ("classic", "varied")
 # HU means per contrast phase (plain, arterial, portal, delayed); literature-typical values for contrast CT.
 HU_BY_PHASE: dict[int, tuple[float, float, float, float]] = {
     LIVER: (58, 80, 118, 95), SPLEEN: (48, 125, 128, 95), PANCREAS: (45, 120, 98, 80),
@@ -114,10 +115,13 @@ class DomainConfig:
     scan_top_mm: tuple[float, float]  # scan range above the anatomical origin (liver dome ~ +150)
     scan_bottom_mm: tuple[float, float]  # scan range below it (lowest kidney pole ~ -80, pelvis ~ -150)
     intensity: str = "classic"  # "classic" (HU table + white texture) or "randomised" (training/intensity.py)
+    anatomy: str = "classic"  # "classic" or "varied" (wider organ placement and size, pelvic distractors)
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITIES:
             raise ValueError(f"intensity must be one of {INTENSITIES}; found {self.intensity!r}")
+        if self.anatomy not in ANATOMIES:
+            raise ValueError(f"anatomy must be one of {ANATOMIES}; found {self.anatomy!r}")
         unknown = set(self.phases) - set(PHASES)
         if unknown or len(self.phases) != len(self.phase_weights):
             raise ValueError(
@@ -140,9 +144,15 @@ WIDE_DOMAIN = DomainConfig(
 # The randomised look (issue 26): the same patients and scans, drawn with training/intensity.py's wide look.
 LABELLED_RANDOMISED = replace(LABELLED_DOMAIN, name="labelled-randomised", intensity="randomised")
 WIDE_RANDOMISED = replace(WIDE_DOMAIN, name="wide-randomised", intensity="randomised")
-DOMAINS = {d.name: d for d in (LABELLED_DOMAIN, WIDE_DOMAIN, LABELLED_RANDOMISED, WIDE_RANDOMISED)}
-DOMAINS_BY_SPLIT = {  # intensity -> (labelled domain, unlabelled and validation domain)
-    "classic": (LABELLED_DOMAIN, WIDE_DOMAIN), "randomised": (LABELLED_RANDOMISED, WIDE_RANDOMISED),
+# Both: the randomised look on the varied anatomy (wider organ placement, pelvic distractors).
+LABELLED_REAL = replace(LABELLED_RANDOMISED, name="labelled-real", anatomy="varied")
+WIDE_REAL = replace(WIDE_RANDOMISED, name="wide-real", anatomy="varied")
+DOMAINS = {d.name: d for d in (LABELLED_DOMAIN, WIDE_DOMAIN, LABELLED_RANDOMISED, WIDE_RANDOMISED, LABELLED_REAL,
+                               WIDE_REAL)}
+DOMAINS_BY_SPLIT = {  # (intensity, anatomy) -> (labelled domain, unlabelled and validation domain)
+    ("classic", "classic"): (LABELLED_DOMAIN, WIDE_DOMAIN),
+    ("randomised", "classic"): (LABELLED_RANDOMISED, WIDE_RANDOMISED),
+    ("randomised", "varied"): (LABELLED_REAL, WIDE_REAL),
 }
 
 
@@ -345,6 +355,7 @@ class Anatomy:
     esophagus_air: bool
     bowel_waves: np.ndarray  # (M, 4): k_x, k_y, k_z, phase of the small-bowel field
     vertebra_phase_mm: float
+    distractors: tuple = ()  # (Ellipsoid, tissue code): unlabelled look-alikes (bladder, femoral heads), "varied"
 
 
 def _sample_anatomy(rng: np.random.Generator) -> Anatomy:
@@ -378,6 +389,41 @@ def _sample_anatomy(rng: np.random.Generator) -> Anatomy:
     dy_lo, dy_hi = (du.points[:, 1] - du.radii).min(), (du.points[:, 1] + du.radii).max()
     return Anatomy(ellipsoids, tubes, y_lo + gas_frac * (y_hi - y_lo), dy_lo + duo_gas * (dy_hi - dy_lo),
                    bool(rng.random() < 0.4), waves, float(rng.uniform(0, 32)))
+
+
+ANATOMY_STREAM = 0xA7A  # the varied anatomy's stream key beside the case seed: the classic draws are not moved
+_DISTRACTOR_OK = np.zeros(N_TISSUES, bool)  # what a distractor may cover: soft tissue, fat, bowel; not air or skin
+_DISTRACTOR_OK[[FAT, WALL_MUSCLE, MUSCLE, CAVITY_FAT, BOWEL_WALL, BOWEL_CONTENT, GAS, STOOL]] = True
+
+
+def _vary_anatomy(anatomy: Anatomy, seed: int) -> Anatomy:
+    """The "varied" anatomy: the classic patient with wider organ placement and size, and pelvic distractors.
+
+    Real livers reach below the kidneys' upper poles laterally and spleens lie lower and more lateral than the
+    classic layout's; real scans below the kidneys show a bladder and femoral heads that a network must not take
+    for organs (../shared/SIM2REAL.md, pitfall 2). Draws from its own stream (`ANATOMY_STREAM`), after the
+    classic ones, so the classic patient and look are unchanged.
+    """
+    rng = np.random.default_rng([seed, ANATOMY_STREAM])
+    moves = {  # name: (extra shift std mm, systematic shift range (x, y, z) mm, scale range per axis)
+        "liver_right": (6.0, ((-8, 4), (-6, 10), (-35, 0)), (0.88, 1.2)),
+        "liver_left": (6.0, ((-10, 10), (-6, 6), (-15, 5)), (0.8, 1.25)),
+        "spleen": (5.0, ((-4, 8), (-4, 8), (-40, 5)), (0.85, 1.3)),  # more lateral: cut by the cavity wall
+        "right_kidney": (6.0, ((-6, 6), (-6, 6), (-20, 15)), (0.9, 1.12)),
+        "left_kidney": (6.0, ((-6, 6), (-6, 6), (-20, 15)), (0.9, 1.12)),
+        "gallbladder": (5.0, ((-8, 8), (-8, 8), (-15, 10)), (0.8, 1.25)),
+    }
+    ellipsoids = dict(anatomy.ellipsoids)
+    for name, (std, shift, scale) in moves.items():
+        e = ellipsoids[name]
+        centre = e.centre + rng.normal(0, std, 3) + np.array([rng.uniform(*r) for r in shift])
+        ellipsoids[name] = replace(e, centre=centre, half=e.half * rng.uniform(*scale, 3))
+    bladder = Ellipsoid(np.array([rng.normal(0, 8), rng.uniform(-45, -15), rng.uniform(-215, -175)]),
+                        np.array([45.0, 32.0, 32.0]) * rng.uniform(0.45, 1.3, 3), _rotation((rng.normal(0, 10), 0, 0)))
+    heads = tuple(Ellipsoid(np.array([side * rng.uniform(80, 95), rng.uniform(0, 20), rng.uniform(-265, -240)]),
+                            np.full(3, rng.uniform(21, 27)), np.eye(3)) for side in (-1, 1))
+    distractors = ((bladder, BOWEL_CONTENT), *((head, BONE) for head in heads))
+    return replace(anatomy, ellipsoids=ellipsoids, distractors=distractors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,6 +704,9 @@ def _tissue_map(params: CaseParams, anatomy: Anatomy) -> np.ndarray:
     tissue = np.empty(g.size_xyz[::-1], np.uint8)  # (z, y, x) in index order
     _paint_body(tissue, frame, anatomy, params.fat_mm)
     _paint_bowel(tissue, frame, anatomy)
+    for shape, code in anatomy.distractors:  # before the organs: they never cover one
+        _paint_shape(tissue, frame, shape, lambda a, f, b, shape=shape, code=code: (shape.radius(a) < 1, code),
+                     _DISTRACTOR_OK)
     for shape, fn, allowed in _organ_painters(anatomy):
         _paint_shape(tissue, frame, shape, fn, allowed)
     if params.acquisition is not None and params.acquisition.table is not None:
@@ -791,7 +840,10 @@ def case_from_record(record: dict) -> tuple[sitk.Image, sitk.Image]:
 def _generate(seed: int, domain: DomainConfig, size: str, geometry: str | None,
               acquisition: AcquisitionConfig | None = None):
     params, rng = _sample(seed, domain, size, geometry, acquisition)
-    tissue = _tissue_map(params, _sample_anatomy(rng))
+    anatomy = _sample_anatomy(rng)
+    if domain.anatomy == "varied":
+        anatomy = _vary_anatomy(anatomy, params.seed)
+    tissue = _tissue_map(params, anatomy)
     if domain.intensity == "randomised":
         hu = _randomised_intensities(tissue, params)
     else:
@@ -855,16 +907,17 @@ def _jobs(labelled: int, unlabelled: int, validation: int) -> list[tuple[str, in
 
 def generate_dataset(out_dir: str | Path, *, labelled: int = 50, unlabelled: int = 200, validation: int = 20,
                      seed: int = 0, size: str = "full", acquisition: str = "default", intensity: str = "classic",
-                     progress: bool = True) -> dict:
+                     anatomy: str = "classic", progress: bool = True) -> dict:
     """Write a FLARE22-layout synthetic set and its dataset.json; returns the dataset.json content.
 
     `acquisition`: "default" varies the acquisition at each split's rates (acquisition.ACQUISITION_BY_SPLIT);
     "none" writes clean scans. `intensity`: "classic" or "randomised" (training/intensity.py's wide look: the
-    same patients and scans as "classic", other HU, texture and noise).
+    same patients and scans as "classic", other HU, texture and noise). `anatomy`: "classic" or "varied" (wider
+    organ placement and size, pelvic distractors; with the randomised look only).
     """
-    if intensity not in DOMAINS_BY_SPLIT:
-        raise ValueError(f"intensity must be one of {tuple(DOMAINS_BY_SPLIT)}, found {intensity!r}")
-    labelled_domain, wide_domain = DOMAINS_BY_SPLIT[intensity]
+    if (intensity, anatomy) not in DOMAINS_BY_SPLIT:
+        raise ValueError(f"(intensity, anatomy) must be one of {tuple(DOMAINS_BY_SPLIT)}, found {(intensity, anatomy)}")
+    labelled_domain, wide_domain = DOMAINS_BY_SPLIT[intensity, anatomy]
     if acquisition not in ACQUISITION_MODES:
         raise ValueError(f"acquisition must be one of {ACQUISITION_MODES}, found {acquisition!r}")
     acq_by_split = scan.ACQUISITION_BY_SPLIT if acquisition == "default" else dict.fromkeys(scan.ACQUISITION_BY_SPLIT)
@@ -934,6 +987,11 @@ class IntensityChoice(str, Enum):  # --intensity
     randomised = "randomised"  # training/intensity.py: SynthSeg-random or widened prior HU, texture, noise spectrum
 
 
+class AnatomyChoice(str, Enum):  # --anatomy
+    classic = "classic"
+    varied = "varied"  # wider organ placement and size, bladder and femoral heads (with --intensity randomised)
+
+
 class SizeChoice(str, Enum):  # --size: listed in --help, checked by click
     small = "small"
     full = "full"
@@ -962,6 +1020,9 @@ def main(
     intensity: Annotated[IntensityChoice, typer.Option(help="classic: one HU table per contrast phase; randomised: "
                                                        "HU, texture and noise drawn wide per case "
                                                        "(training/intensity.py)")] = IntensityChoice.classic,
+    anatomy: Annotated[AnatomyChoice, typer.Option(help="classic: the fixed layout with small jitter; varied: wider "
+                                                   "organ placement and size, bladder and femoral heads (needs "
+                                                   "--intensity randomised)")] = AnatomyChoice.classic,
 ) -> None:
     """Generate a synthetic FLARE22-style set (layout flare22) or the bundled examples (layout examples).
 
@@ -978,7 +1039,7 @@ def main(
         return
     meta = generate_dataset(out_dir, labelled=labelled, unlabelled=unlabelled, validation=validation,
                             seed=seed, size=size, acquisition=acquisition.value,
-                            intensity=IntensityChoice(intensity).value)
+                            intensity=IntensityChoice(intensity).value, anatomy=AnatomyChoice(anatomy).value)
     typer.echo(f"wrote {len(meta['cases'])} cases to {out_dir} in {time.perf_counter() - t0:.1f} s")
 
 

@@ -263,6 +263,9 @@ def main(
     p_flip: float = typer.Option(0.5, help="probability of each flip"),
     p_rotate: float = typer.Option(0.5, help="probability of a random rotation"),
     p_distort: float = typer.Option(0.2, help="probability of each of elastic, grid, optical distortion"),
+    randomise: float = typer.Option(
+        0.0, help="probability per slice of SynthSeg-style intensity randomisation (organ HU shifts, gamma, bias, "
+        "blur, resolution, noise: training.augment.IntensityRandomiser; 0 = off)"),
     augment_pseudo: bool = typer.Option(False, help="augment pseudo-labelled slices too (paper: no)"),
     init_from_teacher: bool = typer.Option(False, help="start from the best teacher member (else Kaiming)"),
     confidence_threshold: float = typer.Option(0.0, help="Eq. 2 ignores voxels of teacher confidence below; 0 = off"),
@@ -287,7 +290,7 @@ def main(
     cfg = StudentConfig(
         loop=LoopConfig(epochs=epochs, lr=lr, amp=amp, val_every=val_every, seed=seed),
         model=UNetConfig(in_channels=in_channels, width=width, depth=depth),
-        augment=AugmentConfig.from_cli(p_flip, p_rotate, p_distort),
+        augment=AugmentConfig.from_cli(p_flip, p_rotate, p_distort, randomise),
         pseudo=PseudoConfig(batch_size=pseudo_batch_size, unlabelled_fraction=unlabelled_fraction,
                             confidence_threshold=confidence_threshold, drop_disagreeing=drop_disagreeing, seed=seed),
         batch_size=batch_size, patch_size=patch_size, beta=beta, aux_weight=aux_weight, augment_pseudo=augment_pseudo,

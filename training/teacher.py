@@ -434,6 +434,9 @@ def main(
     p_flip: float = typer.Option(0.5, help="probability of each flip"),
     p_rotate: float = typer.Option(0.5, help="probability of a random rotation"),
     p_distort: float = typer.Option(0.2, help="probability of each of elastic, grid, optical distortion"),
+    randomise: float = typer.Option(
+        0.0, help="probability per slice of SynthSeg-style intensity randomisation (organ HU shifts, gamma, bias, "
+        "blur, resolution, noise: training.augment.IntensityRandomiser; 0 = off)"),
     val_every: int = typer.Option(50, help="epochs between validations (and at the last epoch)"),
     device: str = typer.Option("auto", help="auto|cuda|cpu"),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="mixed precision: bf16 where the GPU or CPU runs it "
@@ -457,7 +460,7 @@ def main(
         loop=LoopConfig(epochs=epochs, lr=lr, amp=amp, val_every=val_every, seed=seed),
         # no aux head when its weight is 0: DDP refuses parameters that get no gradient
         model=UNetConfig(in_channels=in_channels, width=width, depth=depth, deep_supervision=aux_weight > 0),
-        augment=AugmentConfig.from_cli(p_flip, p_rotate, p_distort),
+        augment=AugmentConfig.from_cli(p_flip, p_rotate, p_distort, randomise),
         batch_size=batch_size, patch_size=patch_size, beta=beta, aux_weight=aux_weight,
         spacing_xyz_mm=tuple(float(s) for s in spacing.split(",")), workers=workers, oversample=oversample,
         normalization=normalization,
