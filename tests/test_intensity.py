@@ -162,3 +162,27 @@ def test_randomise_enables_the_augmenter_and_is_a_probability():
     assert not AugmentConfig.from_cli(0, 0, 0, 0.0).enabled
     with pytest.raises(ValueError, match="p_intensity"):
         AugmentConfig.from_cli(0, 0, 0, 1.5)
+
+
+@pytest.mark.parametrize("phase", ["teacher", "student"])
+def test_training_clis_hand_randomise_to_the_augmentation(phase, monkeypatch, tmp_path):
+    """`--randomise P` reaches the run's AugmentConfig (p_intensity), in both phases; absent, it is off."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    module = importlib.import_module(f"training.{phase}")
+    seen = []
+
+    def fake_run(*args, **kwargs):
+        seen.append(next(a for a in args if hasattr(a, "augment")).augment)
+        return tmp_path / "best.pt"
+
+    monkeypatch.setattr(module, "run", fake_run)
+    base = {"teacher": ["--data", str(tmp_path), "--out", str(tmp_path / "run")],
+            "student": ["--data", str(tmp_path), "--unlabelled", str(tmp_path), "--teacher", str(tmp_path / "t.pt"),
+                        "--out", str(tmp_path / "run")]}[phase]
+    for extra, expected in (([], 0.0), (["--randomise", "0.3"], 0.3)):
+        result = CliRunner().invoke(module.app, [*base, *extra])
+        assert result.exit_code == 0, result.output
+        assert seen[-1].p_intensity == pytest.approx(expected)
