@@ -345,10 +345,12 @@ def load_teacher(teacher: str | Path, device: str | torch.device = "cpu") -> Tea
     return Teacher(tuple(m for m, _, _ in loaded), spec, _file_hash(files), str(path))
 
 
-def teacher_spec(teacher_json: str | Path) -> ModelSpec:
-    """The members' ModelSpec with output "probabilities", read from teacher.json without loading the models."""
-    d = json.loads(Path(teacher_json).read_text())["spec"]
-    return ModelSpec.from_dict({**d, "output": "probabilities"}, source=str(teacher_json))
+def teacher_spec(teacher: str | Path) -> ModelSpec:
+    """The members' ModelSpec with output "probabilities": read from teacher.json without loading the models, or
+    from the checkpoint of a one-member teacher (what `load_teacher` takes too)."""
+    path = Path(teacher)
+    d = json.loads(path.read_text())["spec"] if path.suffix == ".json" else load_model(path, "cpu")[2].to_dict()
+    return ModelSpec.from_dict({**d, "output": "probabilities"}, source=str(path))
 
 
 def _jsonable(cfg: TeacherConfig) -> dict:
