@@ -1,7 +1,7 @@
 #!/bin/sh
 # The recipe of the shipped weights/student.onnx: synthetic CTs, a CPU-sized network.
 #   sh weights/train.sh [RUN_DIR [WEIGHTS_DIR]]     # the shipped weights' recipe (about 95 min, see below)
-#   sh weights/train.sh --smoke [RUN_DIR]           # every step at toy sizes, in 2-3 minutes on 2 cores
+#   sh weights/train.sh --smoke [RUN_DIR]           # every step at toy sizes: 44-126 s on 2 shared cores
 # Time: about 95 min on 2 idle CPU cores with native bf16 (2026-11-29; not reproduced by a committed file);
 # several hours on CPUs without bf16. Every step resumes: run the same command again after an interruption
 # (a kill, a session's end) and it continues where it stopped (docs/TRAINING.md, "Kills and resume").
