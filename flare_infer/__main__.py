@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from flare_infer import io
-from flare_infer.cli import HelpFormatter
+from flare_infer.cli import HelpFormatter, at_least
 from flare_infer.cli import choices as one_of
 from flare_infer.hosts import available_cpus
 from flare_infer.postprocess import POSTPROCESS_CHOICES
@@ -271,16 +271,6 @@ def _progress(cases: list[Path]):
     yield from track(cases, description="cases", console=Console(stderr=True), transient=True)
 
 
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, found {value}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flare_infer", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)  # fmt: skip
@@ -304,11 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cuda-arena-mib",
-        type=_at_least(64),
+        type=at_least(64),
         default=CUDA_ARENA_LIMIT_BYTES // 2**20,
         help="onnxruntime's CUDA arena cap, MiB (effect on the whole device unmeasured)",
     )
-    p.add_argument("--batch-size", type=_at_least(1), default=16, help="axial slices per network call")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="axial slices per network call")
     p.add_argument("--postprocess", default="none", metavar=one_of(POSTPROCESS_CHOICES),
                    help="lcc = largest connected component per organ")  # fmt: skip
     p.add_argument(
@@ -324,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write NAME.png: axial, coronal, sagittal slices with the mask",
     )
     p.add_argument("--shard", default="0/1", help="K/N: process cases K, K+N, K+2N, ... (split a folder over machines)")
-    p.add_argument("--threads", type=_at_least(1), help="CPU threads, onnxruntime and ITK (default: all allowed)")
+    p.add_argument("--threads", type=at_least(1), help="CPU threads, onnxruntime and ITK (default: all allowed)")
     p.add_argument("--read-ahead", action=argparse.BooleanOptionalAction, default=True,
                    help="read the next case in a background thread (holds one more CT)")  # fmt: skip
     p.add_argument("--output-format", default="nifti", choices=OUTPUT_FORMATS,
