@@ -1,9 +1,9 @@
 #!/bin/sh
 # The recipe of the shipped weights/student.onnx: synthetic CTs, a CPU-sized network.
-#   sh weights/train.sh [RUN_DIR [WEIGHTS_DIR]]     # the shipped weights' recipe (about 95 min, see below)
+#   sh weights/train.sh [RUN_DIR [WEIGHTS_DIR]]     # the shipped weights' recipe (about 75 min, see below)
 #   sh weights/train.sh --smoke [RUN_DIR]           # every step at toy sizes: 44-126 s on 2 shared cores
-# Time: about 95 min on 2 idle CPU cores with native bf16 (2026-11-29; not reproduced by a committed file);
-# several hours on CPUs without bf16. Every step resumes: run the same command again after an interruption
+# Time: about 75 min on 2 CPU cores shared with other work, float32 (2026-12-07: the teacher 67 min, the student
+# 6 min, read off the run's log; not reproduced by a committed file). Every step resumes: run the same command again after an interruption
 # (a kill, a session's end) and it continues where it stopped (docs/TRAINING.md, "Kills and resume").
 # RUN_DIR (default runs/shipped) holds the data, the teacher and the student; the exported student.onnx,
 # student.json, student.fp16.onnx and student.fp16.json go to WEIGHTS_DIR (default RUN_DIR/weights; give
