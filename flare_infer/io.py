@@ -248,6 +248,14 @@ def check_finite(image: sitk.Image) -> None:
         raise InputError(f"{n_bad} voxels are NaN or infinite")
 
 
+# The most voxel bytes the read-ahead holds beside the case on the network: a 512 x 512 x 256 int16 CT. Above it a
+# case is read in its turn (its read then not overlapped): the soak's largest case, 512 x 512 x 400, peaks at about
+# 1.07 GB alone, so a next case under this cap keeps a run within 1.2x of it (docs/PERFORMANCE.md, "Soak").
+READ_AHEAD_MAX_BYTES = 128 * 2**20
+_PIXEL_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+                sitk.sitkInt32: 4, sitk.sitkFloat32: 4}  # anything else (64-bit types): 8
+
+
 class ReadAhead:
     """Reads scheduled cases in one background thread; `read` of a scheduled file takes its result.
 
@@ -259,25 +267,40 @@ class ReadAhead:
                 predict_file(path, ..., read=ahead.read)  # waits for the scheduled read
 
     ITK releases the GIL while it decompresses and parses, so the read overlaps the network (on a GPU,
-    the CPU is mostly idle meanwhile) and onnxruntime's start. One case more is held in memory. A file
-    that cannot be read raises its `InputError` in the `read` call of that case, not earlier; reads
-    never taken are dropped on exit (nothing is written by a read).
+    the CPU is mostly idle meanwhile) and onnxruntime's start. One case more is held in memory, at most
+    `max_bytes` of voxels (READ_AHEAD_MAX_BYTES): a larger NIfTI, by its header, is read in its turn instead, so
+    the read-ahead adds at most that to a run's peak (the 200-case soak: 1.25x the largest case's peak with an
+    unbounded read-ahead, docs/PERFORMANCE.md). A file that cannot be read raises its `InputError` in the
+    `read` call of that case, not earlier; reads never taken are dropped on exit (nothing is written by a read).
     """
 
-    def __init__(self, enabled: bool = True, read=None) -> None:
+    def __init__(self, enabled: bool = True, read=None, max_bytes: int | None = None) -> None:
         self._read = read or read_ct  # path -> sitk.Image: `read_ct`, or the DICOM series reader (flare_infer.dicom)
+        # The cap needs the header's size: for NIfTI files (read_ct); another reader's cases are not capped.
+        self._max_bytes = (READ_AHEAD_MAX_BYTES if max_bytes is None else max_bytes) if read is None else None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
         self._scheduled: dict[str, Future] = {}  # absolute path -> the read of that file
         self._lock = threading.Lock()
         self.enabled = enabled  # False: `schedule` does nothing (every read happens in `read`)
 
     def schedule(self, path: str | Path) -> None:
-        if not self.enabled:
+        if not self.enabled or not self._fits(path):
             return
         key = os.path.abspath(path)
         with self._lock:
             if key not in self._scheduled:
                 self._scheduled[key] = self._pool.submit(self._read, path)
+
+    def _fits(self, path: str | Path) -> bool:
+        """Whether the file's voxels (by its header) fit under the cap; an unreadable header: left to `read`."""
+        if self._max_bytes is None:
+            return True
+        try:
+            header = _header(Path(path))
+        except InputError:
+            return False
+        voxels = int(np.prod(header.GetSize(), dtype=np.int64)) * header.GetNumberOfComponents()
+        return voxels * _PIXEL_BYTES.get(header.GetPixelID(), 8) <= self._max_bytes
 
     def read(self, path: str | Path) -> sitk.Image:
         """`read_ct(path)` (or the reader given): the scheduled background read's result (or error) if there is

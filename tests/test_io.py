@@ -372,3 +372,21 @@ def test_without_isal_itk_reads(tmp_path, monkeypatch):
     fast, itk = _fast_and_itk(path)
     assert fast is None
     _assert_same_image(io.read_ct(path), itk)
+
+
+def test_read_ahead_holds_no_case_above_its_byte_cap(tmp_path):
+    """The read-ahead schedules a NIfTI only if its voxels (by the header) fit under max_bytes: a larger case is
+    read in its turn, so the read-ahead adds at most the cap to a run's peak; a reader of its own is not capped."""
+    small, large = tmp_path / "small_0000.nii.gz", tmp_path / "large_0000.nii.gz"
+    sitk.WriteImage(sitk.Image(32, 32, 8, sitk.sitkInt16), str(small))  # 16 KiB of voxels
+    sitk.WriteImage(sitk.Image(32, 32, 8, sitk.sitkFloat32), str(large))  # 32 KiB
+    with io.ReadAhead(max_bytes=32 * 32 * 8 * 2) as ahead:
+        ahead.schedule(small)
+        ahead.schedule(large)
+        assert set(ahead._scheduled) == {os.path.abspath(small)}
+        assert ahead.read(large).GetSize() == (32, 32, 8)  # still read, in its turn
+        assert ahead.read(small).GetSize() == (32, 32, 8)
+    assert io.READ_AHEAD_MAX_BYTES == 128 * 2**20
+    with io.ReadAhead(read=io.read_ct, max_bytes=1) as ahead:  # another reader: its cases are not sized
+        ahead.schedule(large)
+        assert set(ahead._scheduled) == {os.path.abspath(large)}
