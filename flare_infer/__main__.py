@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default="0/1", help="K/N: process cases K, K+N, K+2N, ... (split a folder over machines)")
     p.add_argument("--threads", type=at_least(1), help="CPU threads, onnxruntime and ITK (default: all allowed)")
     p.add_argument("--read-ahead", action=argparse.BooleanOptionalAction, default=True,
-                   help="read the next case in a background thread (holds one more CT)")  # fmt: skip
+                   help="read the next case in a background thread (holds one more CT, at most 128 MiB of "
+                        "voxels: a larger one is read in its turn)")  # fmt: skip
     p.add_argument("--output-format", default="nifti", choices=OUTPUT_FORMATS,
                    help="nifti: NAME.nii.gz; dicom-seg: NAME.seg.dcm (DICOM Segmentation); rtstruct: NAME.rtstruct.dcm "
                         "(RT Structure Set); the DICOM ones need DICOM input (the `dicom` extra)")  # fmt: skip
