@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="work folder (default: a temporary one; the CTs are kept there)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--extra", default="", help="more predict options, e.g. --extra=--no-read-ahead")
+    ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (recorded with the load)")
     args = ap.parse_args()
     EXTRA[:] = args.extra.split()
     load_before = os.getloadavg()[0]
@@ -219,8 +220,7 @@ def main() -> None:
             "no_case_over_1.2x_single_time": all(r <= 1.2 for r in ratios),
             "masks_identical": all(c["mask_identical"] for c in soak["cases"]),
         },
-        "machine": machine_record(load_before, note="shared 2-core machine: a training run and other jobs ran "
-                                                    "alongside; this run niced (nice -n 10)"),  # fmt: skip
+        "machine": machine_record(load_before, note=args.note),
     }  # fmt: skip
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["goals"], indent=1))
