@@ -292,13 +292,14 @@ class ReadAhead:
                 self._scheduled[key] = self._pool.submit(self._read, path)
 
     def _fits(self, path: str | Path) -> bool:
-        """Whether the file's voxels (by its header) fit under the cap; an unreadable header: left to `read`."""
+        """Whether the file's voxels (by its header) fit under the cap. An unreadable header is scheduled as before:
+        the background read raises its `InputError` in that case's `read`, which holds nothing."""
         if self._max_bytes is None:
             return True
         try:
             header = _header(Path(path))
         except InputError:
-            return False
+            return True
         voxels = int(np.prod(header.GetSize(), dtype=np.int64)) * header.GetNumberOfComponents()
         return voxels * _PIXEL_BYTES.get(header.GetPixelID(), 8) <= self._max_bytes
 
