@@ -356,6 +356,10 @@ class Anatomy:
     bowel_waves: np.ndarray  # (M, 4): k_x, k_y, k_z, phase of the small-bowel field
     vertebra_phase_mm: float
     distractors: tuple = ()  # (Ellipsoid, tissue code): unlabelled look-alikes (bladder, femoral heads), "varied"
+    # The varied anatomy's shapes (empty in the classic one): carved away from an organ, or added to it.
+    carve: dict = field(default_factory=dict)  # organ -> Ellipsoid removed from it (spleen's hilar face, renal sinus)
+    caudate: Ellipsoid | None = None  # the caudate lobe: liver beside the IVC
+    renal_vessels: tuple = ()  # Tubes from each renal sinus to the aorta and the IVC: enhanced blood, unlabelled
 
 
 def _sample_anatomy(rng: np.random.Generator) -> Anatomy:
@@ -406,24 +410,93 @@ def _vary_anatomy(anatomy: Anatomy, seed: int) -> Anatomy:
     """
     rng = np.random.default_rng([seed, ANATOMY_STREAM])
     moves = {  # name: (extra shift std mm, systematic shift range (x, y, z) mm, scale range per axis)
-        "liver_right": (6.0, ((-8, 4), (-6, 10), (-35, 0)), (0.88, 1.2)),
+        # The liver's right lobe may reach the kidneys' lower poles (a low liver, a Riedel lobe), the spleen may lie
+        # beside the upper half of the left kidney, posterolateral against the ribs, and the kidneys move a vertebra
+        # up or down on their own: the network must find each organ by its look, not its height.
+        "liver_right": (6.0, ((-8, 4), (-6, 10), (-55, 0)), (0.88, 1.2)),
         "liver_left": (6.0, ((-10, 10), (-6, 6), (-15, 5)), (0.8, 1.25)),
-        "spleen": (5.0, ((-4, 8), (-4, 8), (-40, 5)), (0.85, 1.3)),  # more lateral: cut by the cavity wall
-        "right_kidney": (6.0, ((-6, 6), (-6, 6), (-20, 15)), (0.9, 1.12)),
-        "left_kidney": (6.0, ((-6, 6), (-6, 6), (-20, 15)), (0.9, 1.12)),
+        "spleen": (5.0, ((-4, 10), (0, 16), (-70, 5)), (0.95, 1.4)),  # more lateral: cut by the cavity wall
+        "right_kidney": (6.0, ((-6, 6), (-6, 6), (-30, 25)), (0.85, 1.12)),
+        "left_kidney": (6.0, ((-6, 6), (-6, 6), (-30, 25)), (0.85, 1.12)),
         "gallbladder": (5.0, ((-8, 8), (-8, 8), (-15, 10)), (0.8, 1.25)),
     }
     ellipsoids = dict(anatomy.ellipsoids)
     for name, (std, shift, scale) in moves.items():
         e = ellipsoids[name]
         centre = e.centre + rng.normal(0, std, 3) + np.array([rng.uniform(*r) for r in shift])
-        ellipsoids[name] = replace(e, centre=centre, half=e.half * rng.uniform(*scale, 3))
+        if name == "spleen":  # a low spleen lies lateral to the left kidney's upper half, not on it
+            centre[0] += 0.25 * max(0.0, e.centre[2] - centre[2])
+        half = e.half * rng.uniform(*scale, 3)
+        ellipsoids[name] = replace(e, centre=centre, half=half)
+    ellipsoids["spleen"] = _against_the_wall(ellipsoids["spleen"], rng)
     bladder = Ellipsoid(np.array([rng.normal(0, 8), rng.uniform(-45, -15), rng.uniform(-215, -175)]),
                         np.array([45.0, 32.0, 32.0]) * rng.uniform(0.45, 1.3, 3), _rotation((rng.normal(0, 10), 0, 0)))
     heads = tuple(Ellipsoid(np.array([side * rng.uniform(80, 95), rng.uniform(0, 20), rng.uniform(-265, -240)]),
                             np.full(3, rng.uniform(21, 27)), np.eye(3)) for side in (-1, 1))
     distractors = ((bladder, BOWEL_CONTENT), *((head, BONE) for head in heads))
-    return replace(anatomy, ellipsoids=ellipsoids, distractors=distractors)
+    return _shape_organs(replace(anatomy, ellipsoids=ellipsoids, distractors=distractors), rng)
+
+
+def _against_the_wall(spleen: Ellipsoid, rng: np.random.Generator) -> Ellipsoid:
+    """The spleen along the posterolateral cavity wall: its long axis tangent to the wall, its thin axis along the
+    wall's normal, its outer face 0-8 mm inside the wall (the classic layout points the long axis through the wall,
+    so the wall cuts off much of it)."""
+    a, b = CAVITY_HALF
+    u = np.array([spleen.centre[0], spleen.centre[1] - CAVITY_Y])
+    wall = u / math.sqrt((u[0] / a) ** 2 + (u[1] / b) ** 2)  # where the ray from the cavity's centre meets the wall
+    normal = np.array([wall[0] / a**2, wall[1] / b**2])
+    normal /= np.linalg.norm(normal)
+    inset = spleen.half[0] + rng.uniform(0, 8)
+    centre = spleen.centre.copy()
+    centre[:2] = wall - normal * inset + np.array([0, CAVITY_Y])
+    # _rotation's first angle turns local x (the thin axis) to (cos, sin): the wall's normal.
+    angle = math.degrees(math.atan2(normal[1], normal[0])) + rng.normal(0, 8)
+    return replace(spleen, centre=centre, rot=_rotation((angle, rng.normal(0, 6), 10 + rng.normal(0, 6))))
+
+
+def _offset(e: Ellipsoid, local: tuple[float, float, float], half: np.ndarray) -> Ellipsoid:
+    """An ellipsoid in `e`'s own frame: centre at `local` half-axes of `e`, half-axes `half`, same rotation."""
+    return Ellipsoid(e.centre + e.rot @ (np.asarray(local) * e.half), np.asarray(half, float), e.rot, e.warp)
+
+
+def _shape_organs(anatomy: Anatomy, rng: np.random.Generator) -> Anatomy:
+    """Shapes beyond ellipsoids (issue 26, item 2), drawn after the varied placement from the same stream.
+
+    - The spleen is a crescent: its medial (hilar) face is carved by an ellipsoid beside it, so it is concave
+      towards the stomach and the kidney and convex against the ribs (its axial section is a bean or a comma).
+    - Each kidney is a bean: an anteromedial renal sinus is carved out (fat, left unlabelled as in FLARE22's and
+      TotalSegmentator's masks), and a renal vein and artery run from it to the IVC and the aorta (enhanced blood,
+      unlabelled: bright tubes that are neither aorta nor IVC).
+    - The liver gets a caudate lobe beside the IVC, most of the time.
+    """
+    e, t = anatomy.ellipsoids, anatomy.tubes
+    spleen = e["spleen"]
+    depth = rng.uniform(1.1, 1.6)  # the hilar face reaches 0.1-0.6 of the spleen's half-thickness from its centre
+    carve = {"spleen": _offset(spleen, (-depth - 0.5, rng.uniform(-0.25, 0.25), rng.uniform(-0.2, 0.2)),
+                               spleen.half * np.array([1.5, rng.uniform(0.55, 0.8), rng.uniform(0.7, 0.95)]))}
+    vessels = []
+    for name, side in (("right_kidney", -1), ("left_kidney", 1)):
+        k = e[name]
+        # Medial is -side in x; the kidney's rotation turns the hilum anteromedially.
+        sinus = Ellipsoid(k.centre + np.array([-side * k.half[0] * rng.uniform(0.55, 0.8),
+                                               -k.half[1] * rng.uniform(0.1, 0.3), rng.normal(0, 4)]),
+                          k.half * np.array([rng.uniform(0.4, 0.55), rng.uniform(0.3, 0.45), rng.uniform(0.3, 0.45)]),
+                          k.rot)
+        carve[name] = sinus
+        hilum = sinus.centre
+        for target, radius in ((t["ivc"], rng.uniform(4.0, 6.5)), (t["aorta"], rng.uniform(2.5, 4.0))):
+            point = target.points[np.argmin(np.abs(target.points[:, 2] - hilum[2]))]
+            mid = (hilum + point) / 2 + np.array([0, rng.normal(-6, 3), rng.normal(0, 4)])
+            path, radii = _smooth_path([tuple(hilum), tuple(mid), tuple(point)], [radius, radius, radius])
+            vessels.append(Tube(path, radii))
+    caudate = None
+    if rng.random() < 0.8:
+        ivc = t["ivc"]
+        at = ivc.points[np.argmin(np.abs(ivc.points[:, 2] - rng.uniform(55, 90)))]
+        caudate = Ellipsoid(at + np.array([rng.uniform(12, 22), rng.uniform(-18, -10), 0]),
+                            np.array([rng.uniform(12, 20), rng.uniform(10, 15), rng.uniform(20, 32)]),
+                            _rotation((rng.normal(0, 10), 0, 0)))
+    return replace(anatomy, carve=carve, caudate=caudate, renal_vessels=tuple(vessels))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,11 +706,20 @@ def _organ_painters(anatomy: Anatomy) -> list[tuple[object, object, np.ndarray |
         grown = replace(shape, radii=shape.radii + mm)
         return grown, lambda a, f, b: (grown.signed_distance(a, f, b) < 0, CAVITY_FAT)
 
-    def kidney(shape: Ellipsoid, cortex: int, medulla: int):
+    def carved(name: str, inside: np.ndarray, a: list[np.ndarray]) -> np.ndarray:
+        cut = anatomy.carve.get(name)
+        return inside if cut is None else inside & ~(cut.radius(a) < 1)
+
+    def kidney(name: str, cortex: int, medulla: int):
+        shape = e[name]
+
         def fn(a, f, b):
             r = shape.radius(a)
-            return r < 1, np.where(r < 0.72, medulla, cortex).astype(np.uint8)
+            return carved(name, r < 1, a), np.where(r < 0.72, medulla, cortex).astype(np.uint8)
         return shape, fn
+
+    def spleen(shape: Ellipsoid):
+        return shape, lambda a, f, b: (carved("spleen", shape.radius(a) < 1, a), SPLEEN)
 
     def hollow(shape: Tube, wall_mm: float, wall: int, content: int, gas: int | None, gas_y: float):
         def fn(a, f, b):
@@ -675,14 +757,16 @@ def _organ_painters(anatomy: Anatomy) -> list[tuple[object, object, np.ndarray |
         (*solid(e["heart"], BLOOD), allowed_organ),
         (*liver(e["liver_right"]), allowed_organ),
         (*solid(e["liver_left"], LIVER), allowed_organ),
+        *(((*solid(anatomy.caudate, LIVER), allowed_organ),) if anatomy.caudate is not None else ()),
         (*esophagus(t["esophagus"]), allowed_organ),
         (*tube_halo(t["stomach"], 4.0), bowel),
         (*hollow(t["stomach"], 5.0, STOMACH_WALL, STOMACH_CONTENT, STOMACH_GAS, anatomy.stomach_gas_y), allowed_organ),
-        (*solid(e["spleen"], SPLEEN), allowed_organ),
+        (*spleen(e["spleen"]), allowed_organ),
         (*halo(e["right_kidney"], 6.0), allowed_organ),
         (*halo(e["left_kidney"], 6.0), allowed_organ),
-        (*kidney(e["right_kidney"], RK_CORTEX, RK_MEDULLA), allowed_organ),
-        (*kidney(e["left_kidney"], LK_CORTEX, LK_MEDULLA), allowed_organ),
+        (*kidney("right_kidney", RK_CORTEX, RK_MEDULLA), allowed_organ),
+        (*kidney("left_kidney", LK_CORTEX, LK_MEDULLA), allowed_organ),
+        *((*solid(vessel, BLOOD), allowed_organ) for vessel in anatomy.renal_vessels),
         (*solid(t["pancreas"], PANCREAS), allowed_organ),
         (*tube_halo(t["duodenum"], 4.0), bowel),
         (*hollow(t["duodenum"], 3.5, DUO_WALL, DUO_CONTENT, DUO_GAS, anatomy.duodenum_gas_y), allowed_organ),
