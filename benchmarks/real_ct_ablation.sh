@@ -6,8 +6,10 @@
 #   classic      the generator's classic look (one HU table per phase, white texture)
 #   look         the randomised look (training/intensity.py): the same patients and scans, other HU and texture
 #   look+random  the randomised look and the training-time randomisation (--randomise 0.5)
-#   +anatomy     the same on the varied anatomy (--anatomy varied: wider organ placement and size, bladder, femoral
-#                heads), the same seed: other organ positions, the same looks' draws
+#   +anatomy     the same on the varied anatomy (--anatomy varied: wider organ placement and size, a crescent spleen
+#                along the wall, kidney sinus and renal vessels, a caudate lobe, bladder, femoral heads), the same
+#                seed: other organ positions and shapes, the same looks' draws. (The committed real_ct_+anatomy_v1
+#                row is the first varied anatomy, generator at commit 0c70379; this script no longer makes it.)
 # Phase two is measured by weights/train.sh's own run (its teacher and its student, docs/PHANTOMS.md).
 # The data: python -m training.phantoms with seed 5, small size, 40 labelled cases per kind.
 # Every step resumes (the teacher's --resume; a finished row is skipped). RUN_DIR default runs/ablation;
