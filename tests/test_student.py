@@ -134,3 +134,24 @@ def test_each_iteration_is_a_labelled_then_a_pseudo_labelled_batch():
     assert [k for k, _ in items] == ["labelled", "pseudo"] * 5
     assert [b for _, b in items[1::2]] == pseudo  # one pass over the pseudo-labelled slices
     assert [b for _, b in items[0::2]] == ["L0", "L1", "L0", "L1", "L0"]  # the labelled loader cycles
+
+
+def test_the_control_puts_a_labelled_batch_in_every_pseudo_slot():
+    """--without-pseudo-labels: the same number of steps as the student, every one of them labelled (Eq. 1), the
+    labelled loader cycling on; no pseudo-labelled batch is ever used."""
+    labelled, pseudo = [f"L{i}" for i in range(3)], [f"P{i}" for i in range(4)]
+    items = list(Alternating(labelled, pseudo, epoch=0, without_pseudo_labels=True))
+    assert len(Alternating(labelled, pseudo, epoch=0, without_pseudo_labels=True)) == len(items) == 8
+    assert [k for k, _ in items] == ["labelled"] * 8
+    assert [b for _, b in items] == ["L0", "L1", "L2", "L0", "L1", "L2", "L0", "L1"]
+
+
+def test_the_control_option_reaches_the_training_config(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("training.student.run", lambda src, out, cfg, **kw: seen.setdefault("cfg", cfg) and out)
+    for flag, expected in (([], False), (["--without-pseudo-labels"], True)):
+        seen.clear()
+        result = CliRunner().invoke(app, ["--data", str(tmp_path), "--unlabelled", str(tmp_path), "--teacher",
+                                          str(tmp_path / "t.json"), "--out", str(tmp_path / "o"), *flag])
+        assert result.exit_code == 0, result.output
+        assert seen["cfg"].without_pseudo_labels is expected

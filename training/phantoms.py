@@ -115,7 +115,7 @@ class DomainConfig:
     scan_top_mm: tuple[float, float]  # scan range above the anatomical origin (liver dome ~ +150)
     scan_bottom_mm: tuple[float, float]  # scan range below it (lowest kidney pole ~ -80, pelvis ~ -150)
     intensity: str = "classic"  # "classic" (HU table + white texture) or "randomised" (training/intensity.py)
-    anatomy: str = "classic"  # "classic" or "varied" (wider organ placement and size, pelvic distractors)
+    anatomy: str = "classic"  # "classic" or "varied" (wider placement and size, organ shapes, pelvic distractors)
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITIES:
@@ -144,7 +144,7 @@ WIDE_DOMAIN = DomainConfig(
 # The randomised look (issue 26): the same patients and scans, drawn with training/intensity.py's wide look.
 LABELLED_RANDOMISED = replace(LABELLED_DOMAIN, name="labelled-randomised", intensity="randomised")
 WIDE_RANDOMISED = replace(WIDE_DOMAIN, name="wide-randomised", intensity="randomised")
-# Both: the randomised look on the varied anatomy (wider organ placement, pelvic distractors).
+# Both: the randomised look on the varied anatomy (wider organ placement, organ shapes, pelvic distractors).
 LABELLED_REAL = replace(LABELLED_RANDOMISED, name="labelled-real", anatomy="varied")
 WIDE_REAL = replace(WIDE_RANDOMISED, name="wide-real", anatomy="varied")
 DOMAINS = {d.name: d for d in (LABELLED_DOMAIN, WIDE_DOMAIN, LABELLED_RANDOMISED, WIDE_RANDOMISED, LABELLED_REAL,
@@ -401,7 +401,8 @@ _DISTRACTOR_OK[[FAT, WALL_MUSCLE, MUSCLE, CAVITY_FAT, BOWEL_WALL, BOWEL_CONTENT,
 
 
 def _vary_anatomy(anatomy: Anatomy, seed: int) -> Anatomy:
-    """The "varied" anatomy: the classic patient with wider organ placement and size, and pelvic distractors.
+    """The "varied" anatomy: the classic patient with wider organ placement and size, organ shapes beyond
+    ellipsoids (`_shape_organs`) and pelvic distractors.
 
     Real livers reach below the kidneys' upper poles laterally and spleens lie lower and more lateral than the
     classic layout's; real scans below the kidneys show a bladder and femoral heads that a network must not take
@@ -1073,7 +1074,7 @@ class IntensityChoice(str, Enum):  # --intensity
 
 class AnatomyChoice(str, Enum):  # --anatomy
     classic = "classic"
-    varied = "varied"  # wider organ placement and size, bladder and femoral heads (with --intensity randomised)
+    varied = "varied"  # wider placement and size, organ shapes, bladder, femoral heads (with --intensity randomised)
 
 
 class SizeChoice(str, Enum):  # --size: listed in --help, checked by click
@@ -1105,8 +1106,9 @@ def main(
                                                        "HU, texture and noise drawn wide per case "
                                                        "(training/intensity.py)")] = IntensityChoice.classic,
     anatomy: Annotated[AnatomyChoice, typer.Option(help="classic: the fixed layout with small jitter; varied: wider "
-                                                   "organ placement and size, bladder and femoral heads (needs "
-                                                   "--intensity randomised)")] = AnatomyChoice.classic,
+                                                   "organ placement and size, a crescent spleen, kidneys with a "
+                                                   "sinus and renal vessels, a caudate lobe, bladder and femoral "
+                                                   "heads (needs --intensity randomised)")] = AnatomyChoice.classic,
 ) -> None:
     """Generate a synthetic FLARE22-style set (layout flare22) or the bundled examples (layout examples).
 

@@ -75,6 +75,9 @@ class StudentConfig:
     beta: float = 0.65  # Eq. 1 and Eq. 2: weight of the Dice term
     aux_weight: float = 0.1  # deep-supervision head, as phase one
     augment_pseudo: bool = False  # the paper augments labelled slices only
+    # The equal-budget control of phase two: every pseudo-labelled batch is replaced by a labelled one (same steps,
+    # same schedule, same initialisation), so that student - control is what the pseudo-labels bought.
+    without_pseudo_labels: bool = False
     init_from_teacher: bool = False  # else Kaiming uniform (the paper)
     rounds: int = 1
     oversample: float = 0.0  # share of slices drawn for an organ chosen uniformly (beyond the paper; 0 = off)
@@ -108,8 +111,10 @@ def _loader(cases: list[CachedCase], cfg: StudentConfig, augment: bool, rt: Runt
 class Alternating:
     """One epoch of items ("labelled", batch), ("pseudo", batch), ...: one pass over the pseudo loader."""
 
-    def __init__(self, labelled: torch.utils.data.DataLoader, pseudo: torch.utils.data.DataLoader, epoch: int) -> None:
+    def __init__(self, labelled: torch.utils.data.DataLoader, pseudo: torch.utils.data.DataLoader, epoch: int,
+                 without_pseudo_labels: bool = False) -> None:
         self.labelled, self.pseudo, self.epoch = labelled, pseudo, epoch
+        self.without_pseudo_labels = without_pseudo_labels  # the control: a labelled batch in each pseudo slot
 
     def __len__(self) -> int:
         return 2 * len(self.pseudo)
@@ -119,16 +124,20 @@ class Alternating:
         set_loader_epoch(self.pseudo, self.epoch)
         set_loader_epoch(self.labelled, self.epoch * 1000)
         labelled = iter(self.labelled)
-        for pseudo_batch in self.pseudo:
+
+        def next_labelled():
+            nonlocal cycle, labelled
             try:
-                labelled_batch = next(labelled)
+                return next(labelled)
             except StopIteration:  # fewer labelled slices than pseudo-labelled ones: a new shuffled pass
                 cycle += 1
                 set_loader_epoch(self.labelled, self.epoch * 1000 + cycle)
                 labelled = iter(self.labelled)
-                labelled_batch = next(labelled)
-            yield "labelled", labelled_batch
-            yield "pseudo", pseudo_batch
+                return next(labelled)
+
+        for pseudo_batch in self.pseudo:
+            yield "labelled", next_labelled()
+            yield ("labelled", next_labelled()) if self.without_pseudo_labels else ("pseudo", pseudo_batch)
 
 
 def make_step(cfg: StudentConfig):
@@ -179,8 +188,8 @@ def train_round(labelled: list[CachedCase], pseudo: list[CachedCase], val: list[
 
     with closing_workers(lab_loader, ps_loader):  # this round's workers end with it
         return fit(model, optimizer, scheduler, make_step(cfg),
-                   lambda epoch: Alternating(lab_loader, ps_loader, epoch), cfg.loop, run_dir, rt,
-                   validate_fn=validate if val else None, meta=meta, resume=resume)  # fmt: skip
+                   lambda epoch: Alternating(lab_loader, ps_loader, epoch, cfg.without_pseudo_labels), cfg.loop,
+                   run_dir, rt, validate_fn=validate if val else None, meta=meta, resume=resume)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- all rounds
@@ -267,6 +276,9 @@ def main(
         0.0, help="probability per slice of SynthSeg-style intensity randomisation (organ HU shifts, gamma, bias, "
         "blur, resolution, noise: training.augment.IntensityRandomiser; 0 = off)"),
     augment_pseudo: bool = typer.Option(False, help="augment pseudo-labelled slices too (paper: no)"),
+    without_pseudo_labels: bool = typer.Option(
+        False, help="the equal-budget control: each pseudo-labelled batch is replaced by a labelled one (same steps, "
+        "schedule and start), so a student's gain over this run is what its pseudo-labels bought"),
     init_from_teacher: bool = typer.Option(False, help="start from the best teacher member (else Kaiming)"),
     confidence_threshold: float = typer.Option(0.0, help="Eq. 2 ignores voxels of teacher confidence below; 0 = off"),
     drop_disagreeing: float = typer.Option(0.0, help="drop this fraction of cases, those the members agree on least"),
@@ -294,7 +306,8 @@ def main(
         pseudo=PseudoConfig(batch_size=pseudo_batch_size, unlabelled_fraction=unlabelled_fraction,
                             confidence_threshold=confidence_threshold, drop_disagreeing=drop_disagreeing, seed=seed),
         batch_size=batch_size, patch_size=patch_size, beta=beta, aux_weight=aux_weight, augment_pseudo=augment_pseudo,
-        init_from_teacher=init_from_teacher, rounds=rounds, workers=workers, oversample=oversample,
+        without_pseudo_labels=without_pseudo_labels, init_from_teacher=init_from_teacher, rounds=rounds,
+        workers=workers, oversample=oversample,
     )  # fmt: skip
     src = Sources(data, unlabelled, teacher, validation, cache or teacher.parent / "cache")
     best = run(src, out, cfg, device=device, resume=resume)
