@@ -107,10 +107,10 @@ def test_train_sh_writes_the_exported_weights_where_its_second_argument_says(tmp
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     calls = log.read_text().splitlines()
-    assert [c.split()[1] for c in calls[:6]] == ["training.phantoms", "training.phantoms", "training.teacher",
-                                                 "training.student", "training.export", "flare_infer"]  # fmt: skip
-    assert calls[4].split()[2:4] == [f"{run_dir}/student/best.pt", f"{weights}/student.onnx"]
-    assert f"--model {weights}/student.onnx" in calls[5]
+    assert [c.split()[1] for c in calls[:7]] == ["training.phantoms"] * 3 + [
+        "training.teacher", "training.student", "training.export", "flare_infer"]  # fmt: skip
+    assert calls[5].split()[2:4] == [f"{run_dir}/student/best.pt", f"{weights}/student.onnx"]
+    assert f"--model {weights}/student.onnx" in calls[6]
     sidecars = [f"{weights}/student.json", f"{weights}/student.fp16.json"]
     assert calls[-1].split()[1:] == [f"{run_dir}/examples.csv", *sidecars]  # the examples/ scores go into both
     assert "weights/student" not in log.read_text()
