@@ -10,13 +10,12 @@ Its README gives the mapping of TotalSegmentator's label values to FLARE22's (`T
 **Validation only.** Nothing in training/ reads this CT, its labels or anything derived from them; the
 choices of a recipe may be checked against this score, never fitted to it (docs/PHANTOMS.md, "The real CT").
 
-The case is segmented as README command 1 does it (`flare_infer.pipeline.predict_file`, CPU, batch 16, the
-default restore, no post-processing) and scored by `flare_infer.evaluate.evaluate_case`. The JSON holds every
-organ's DSC and NSD, the mean over liver, spleen and both kidneys (`mean_dsc_big4`, the issue's 0.75 goal), the
-mean over the organs present in the label map (`mean_dsc_present`, goal 0.50), the model's sha256 and sidecar
-facts, the commit, date and command. A preview PNG (`--preview`, default beside the JSON) shows the prediction
-(top row) over the CT, and the silver labels (bottom row).
-"""
+The case is segmented as README command 1 does it (`flare_infer.pipeline.predict_file`, CPU, batch 16, the default
+restore, no post-processing unless `--postprocess lcc`) and scored by `flare_infer.evaluate.evaluate_case`. The
+JSON holds every organ's DSC and NSD, the mean over liver, spleen and both kidneys (`mean_dsc_big4`, the issue's
+0.75 goal), the mean over the organs present in the label map (`mean_dsc_present`, goal 0.50), the model's sha256
+and sidecar facts, the commit, date and command. A preview PNG (`--preview`, default beside the JSON) shows the
+prediction (top row) over the CT, and the silver labels (bottom row). """
 
 from __future__ import annotations
 
@@ -38,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from flare_infer.evaluate import evaluate_case  # noqa: E402
 from flare_infer.labels import ORGANS  # noqa: E402
 from flare_infer.pipeline import predict_file  # noqa: E402
+from flare_infer.postprocess import POSTPROCESS_CHOICES  # noqa: E402
 from flare_infer.session import load_model  # noqa: E402
 
 DEFAULT_REAL_DIR = REPO.parent / "shared" / "data" / "real-ct"
@@ -100,7 +100,7 @@ def save_preview(image: sitk.Image, pred: sitk.Image, label: sitk.Image, out_png
     plt.imsave(out_png, np.concatenate(rows, axis=0))
 
 
-def run(model_path: Path, real_dir: Path, threads: int | None, preview: Path | None) -> dict:
+def run(model_path: Path, real_dir: Path, threads: int | None, preview: Path | None, postprocess: str = "none") -> dict:
     ct_path, label_path = real_dir / CT_NAME, real_dir / LABEL_NAME
     for path in (ct_path, label_path):
         if not path.is_file():
@@ -112,7 +112,7 @@ def run(model_path: Path, real_dir: Path, threads: int | None, preview: Path | N
         pred_path = Path(tmp) / "real_ct.nii.gz"
         start = time.perf_counter()
         result = predict_file(ct_path, pred_path, model.predict, model.spec, batch_size=BATCH_SIZE,
-                              fixed_batch=model.fixed_batch)  # fmt: skip
+                              fixed_batch=model.fixed_batch, postprocess=postprocess)  # fmt: skip
         seconds = time.perf_counter() - start
         pred = sitk.ReadImage(str(pred_path))
     scores = evaluate_case(pred, label, name=CT_NAME)
@@ -123,6 +123,7 @@ def run(model_path: Path, real_dir: Path, threads: int | None, preview: Path | N
         **summarise(scores, sitk.GetArrayViewFromImage(label)),
         "voxels_pred": {o.name: int(np.count_nonzero(sitk.GetArrayViewFromImage(pred) == o.value)) for o in ORGANS},
         "predict_seconds": round(seconds, 2),
+        "postprocess": postprocess,
         "model": {
             "path": str(model_path.relative_to(REPO) if model_path.is_relative_to(REPO) else model_path.name),
             "sha256": _sha256(model_path),
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preview", type=Path, default=None,
                         help="preview PNG (default: the JSON's path with .png; 'none' for no picture)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (default: all allowed)")
+    parser.add_argument("--postprocess", default="none", choices=POSTPROCESS_CHOICES,
+                        help="predict's --postprocess: none (default, README command 1's) or lcc (largest connected "
+                        "component per organ)")
     args = parser.parse_args(argv)
     preview = None if str(args.preview) == "none" else (args.preview or args.out.with_suffix(".png"))
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": shlex.join(["python", "benchmarks/real_ct.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        **run(args.model, args.real_dir, args.threads, preview),
+        **run(args.model, args.real_dir, args.threads, preview, args.postprocess),
         "preview": str(preview.relative_to(REPO)) if preview and preview.is_relative_to(REPO) else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
