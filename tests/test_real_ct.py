@@ -116,3 +116,21 @@ def test_real_ct_check_can_score_with_the_largest_component_clean_up(tmp_path):
     assert a["postprocess"] == "none" and b["postprocess"] == "lcc"
     assert all(b["voxels_pred"][o] <= a["voxels_pred"][o] for o in a["voxels_pred"])
     assert sum(b["voxels_pred"].values()) < sum(a["voxels_pred"].values())
+
+
+def test_the_thin_slice_copy_covers_the_same_body_finer_and_noisier():
+    """benchmarks/real_ct_thin.py's input: the same extent and direction on a 0.75 x 0.75 x 1.6 mm grid, int16,
+    white noise of the stated std on a flat region, and the same noise for the same seed."""
+    from benchmarks import real_ct_thin
+
+    ct = sitk.GetImageFromArray(np.full((10, 12, 12), 40, np.int32))
+    ct.SetSpacing((3.0, 3.0, 3.0))
+    ct.SetOrigin((-10.0, 5.0, 2.0))
+    ct.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    thin = real_ct_thin.thin_copy(ct)
+    assert thin.GetSpacing() == real_ct_thin.THIN_SPACING and thin.GetPixelID() == sitk.sitkInt16
+    assert thin.GetSize() == (48, 48, 19)  # 36 / 0.75 and 30 / 1.6, rounded
+    assert thin.GetOrigin() == ct.GetOrigin() and thin.GetDirection() == ct.GetDirection()
+    inner = sitk.GetArrayViewFromImage(thin)[2:-2, 4:-4, 4:-4].astype(float)
+    assert abs(inner.mean() - 40) < 2 and abs(inner.std() - real_ct_thin.NOISE_HU) < 2
+    assert np.array_equal(sitk.GetArrayViewFromImage(real_ct_thin.thin_copy(ct)), sitk.GetArrayViewFromImage(thin))
