@@ -48,9 +48,7 @@ def _ellipsoid_ml(e: phantoms.Ellipsoid, scale) -> float:
 def _varied(seed: int, domain=LABELLED_REAL):
     params, rng = phantoms._sample(seed, domain, "small", None)
     anatomy = phantoms._vary_anatomy(phantoms._sample_anatomy(rng), seed)
-    g = params.grid
-    frame = phantoms._Frame(g.matrix, np.array(g.origin_xyz) - np.array(params.centre_xyz), np.array(params.scale_xyz),
-                            np.array(g.size_xyz))
+    frame = phantoms._Frame.of(params)
     return params, anatomy, frame, phantoms._tissue_map(params, anatomy)
 
 
@@ -144,8 +142,7 @@ def test_distractors_are_painted_and_never_labelled():
     checked = 0
     for seed in range(40):  # wide-domain scans whose range reaches the femoral heads
         params, rng = phantoms._sample(seed, WIDE_REAL, "small", None)
-        frame = phantoms._Frame(params.grid.matrix, np.array(params.grid.origin_xyz) - np.array(params.centre_xyz),
-                                np.array(params.scale_xyz), np.array(params.grid.size_xyz))
+        frame = phantoms._Frame.of(params)
         if frame.z_range()[0] > -270:
             continue
         classic = phantoms._sample_anatomy(rng)

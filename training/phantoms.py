@@ -425,8 +425,8 @@ def _vary_anatomy(anatomy: Anatomy, seed: int) -> Anatomy:
     for name, (std, shift, scale) in moves.items():
         e = ellipsoids[name]
         centre = e.centre + rng.normal(0, std, 3) + np.array([rng.uniform(*r) for r in shift])
-        if name == "spleen":  # a low spleen lies lateral to the left kidney's upper half, not on it
-            centre[0] += 0.25 * max(0.0, e.centre[2] - centre[2])
+        if name == "spleen":  # a low spleen lies lateral to the left kidney's upper half, not on it: this turns the
+            centre[0] += 0.25 * max(0.0, e.centre[2] - centre[2])  # ray along which _against_the_wall places it
         half = e.half * rng.uniform(*scale, 3)
         ellipsoids[name] = replace(e, centre=centre, half=half)
     ellipsoids["spleen"] = _against_the_wall(ellipsoids["spleen"], rng)
@@ -453,6 +453,11 @@ def _against_the_wall(spleen: Ellipsoid, rng: np.random.Generator) -> Ellipsoid:
     # _rotation's first angle turns local x (the thin axis) to (cos, sin): the wall's normal.
     angle = math.degrees(math.atan2(normal[1], normal[0])) + rng.normal(0, 8)
     return replace(spleen, centre=centre, rot=_rotation((angle, rng.normal(0, 6), 10 + rng.normal(0, 6))))
+
+
+def _at_height(tube: Tube, z: float) -> np.ndarray:
+    """The point of the tube's centre line nearest to height `z`."""
+    return tube.points[np.argmin(np.abs(tube.points[:, 2] - z))]
 
 
 def _offset(e: Ellipsoid, local: tuple[float, float, float], half: np.ndarray) -> Ellipsoid:
@@ -486,14 +491,14 @@ def _shape_organs(anatomy: Anatomy, rng: np.random.Generator) -> Anatomy:
         carve[name] = sinus
         hilum = sinus.centre
         for target, radius in ((t["ivc"], rng.uniform(4.0, 6.5)), (t["aorta"], rng.uniform(2.5, 4.0))):
-            point = target.points[np.argmin(np.abs(target.points[:, 2] - hilum[2]))]
+            point = _at_height(target, hilum[2])
             mid = (hilum + point) / 2 + np.array([0, rng.normal(-6, 3), rng.normal(0, 4)])
             path, radii = _smooth_path([tuple(hilum), tuple(mid), tuple(point)], [radius, radius, radius])
             vessels.append(Tube(path, radii))
     caudate = None
     if rng.random() < 0.8:
         ivc = t["ivc"]
-        at = ivc.points[np.argmin(np.abs(ivc.points[:, 2] - rng.uniform(55, 90)))]
+        at = _at_height(ivc, rng.uniform(55, 90))
         caudate = Ellipsoid(at + np.array([rng.uniform(12, 22), rng.uniform(-18, -10), 0]),
                             np.array([rng.uniform(12, 20), rng.uniform(10, 15), rng.uniform(20, 32)]),
                             _rotation((rng.normal(0, 10), 0, 0)))
@@ -559,6 +564,13 @@ class _Frame:
     offset: np.ndarray  # (3,) origin - centre
     scale: np.ndarray  # (3,)
     size_xyz: np.ndarray  # (3,)
+
+    @classmethod
+    def of(cls, params: CaseParams) -> _Frame:
+        """The frame of a case's grid, patient centre and scale."""
+        g = params.grid
+        return cls(g.matrix, np.array(g.origin_xyz) - np.array(params.centre_xyz), np.array(params.scale_xyz),
+                   np.array(g.size_xyz))
 
     def coords(self, box: tuple[slice, slice, slice]) -> list[np.ndarray]:
         """Anatomical x, y, z (float32) for the voxels of the (z, y, x) index `box`.
@@ -783,10 +795,8 @@ def _organ_painters(anatomy: Anatomy) -> list[tuple[object, object, np.ndarray |
 
 
 def _tissue_map(params: CaseParams, anatomy: Anatomy) -> np.ndarray:
-    g = params.grid
-    frame = _Frame(g.matrix, np.array(g.origin_xyz) - np.array(params.centre_xyz), np.array(params.scale_xyz),
-                   np.array(g.size_xyz))
-    tissue = np.empty(g.size_xyz[::-1], np.uint8)  # (z, y, x) in index order
+    frame = _Frame.of(params)
+    tissue = np.empty(params.grid.size_xyz[::-1], np.uint8)  # (z, y, x) in index order
     _paint_body(tissue, frame, anatomy, params.fat_mm)
     _paint_bowel(tissue, frame, anatomy)
     for shape, code in anatomy.distractors:  # before the organs: they never cover one
@@ -998,7 +1008,7 @@ def generate_dataset(out_dir: str | Path, *, labelled: int = 50, unlabelled: int
     `acquisition`: "default" varies the acquisition at each split's rates (acquisition.ACQUISITION_BY_SPLIT);
     "none" writes clean scans. `intensity`: "classic" or "randomised" (training/intensity.py's wide look: the
     same patients and scans as "classic", other HU, texture and noise). `anatomy`: "classic" or "varied" (wider
-    organ placement and size, pelvic distractors; with the randomised look only).
+    organ placement and size, organ shapes, pelvic distractors; with the randomised look only).
     """
     if (intensity, anatomy) not in DOMAINS_BY_SPLIT:
         raise ValueError(f"(intensity, anatomy) must be one of {tuple(DOMAINS_BY_SPLIT)}, found {(intensity, anatomy)}")
