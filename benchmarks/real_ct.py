@@ -100,12 +100,18 @@ def save_preview(image: sitk.Image, pred: sitk.Image, label: sitk.Image, out_png
     plt.imsave(out_png, np.concatenate(rows, axis=0))
 
 
-def run(model_path: Path, real_dir: Path, threads: int | None, preview: Path | None, postprocess: str = "none") -> dict:
+def real_files(real_dir: Path) -> tuple[Path, Path]:
+    """The real CT and its label map in `real_dir`; a clear exit when either is missing."""
     ct_path, label_path = real_dir / CT_NAME, real_dir / LABEL_NAME
     for path in (ct_path, label_path):
         if not path.is_file():
             raise SystemExit(f"error: {path} not found: the real CT lives in ../shared/data/real-ct beside the "
                              "checkout (not shipped with the project); pass --real-dir")
+    return ct_path, label_path
+
+
+def run(model_path: Path, real_dir: Path, threads: int | None, preview: Path | None, postprocess: str = "none") -> dict:
+    ct_path, label_path = real_files(real_dir)
     model = load_model(model_path, device="cpu", threads=threads)
     label = flare_label_image(label_path)
     with tempfile.TemporaryDirectory(prefix="real-ct-") as tmp:

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.real_ct import CT_NAME, DEFAULT_REAL_DIR, LABEL_NAME, flare_label_image, summarise  # noqa: E402
+from benchmarks.real_ct import DEFAULT_REAL_DIR, flare_label_image, real_files, summarise  # noqa: E402
 from flare_infer.evaluate import evaluate_case  # noqa: E402
 from flare_infer.pipeline import predict_file  # noqa: E402
 from flare_infer.session import load_model  # noqa: E402
@@ -50,13 +50,12 @@ def thin_copy(ct: sitk.Image, spacing=THIN_SPACING, noise_hu: float = NOISE_HU, 
 
 def score(model, ct_path: Path, label: sitk.Image, tmp: Path) -> dict:
     pred_path = tmp / f"pred_{ct_path.name}"
-    predict_file(ct_path, pred_path, model.predict, model.spec, batch_size=16, fixed_batch=model.fixed_batch)
+    result = predict_file(ct_path, pred_path, model.predict, model.spec, batch_size=16, fixed_batch=model.fixed_batch)
     pred = sitk.ReadImage(str(pred_path))
     if pred.GetSize() != label.GetSize() or pred.GetSpacing() != label.GetSpacing():
         pred = sitk.Resample(pred, label, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     scores = evaluate_case(pred, label, name=ct_path.name)
-    size = list(sitk.ReadImage(str(ct_path)).GetSize())
-    return {**summarise(scores, sitk.GetArrayViewFromImage(label)), "size_xyz": size}
+    return {**summarise(scores, sitk.GetArrayViewFromImage(label)), "size_xyz": list(result.image.GetSize())}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,11 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--real-dir", type=Path, default=DEFAULT_REAL_DIR)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "real_ct_thin.json")
     args = parser.parse_args(argv)
-    ct_path, label_path = args.real_dir / CT_NAME, args.real_dir / LABEL_NAME
-    for path in (ct_path, label_path):
-        if not path.is_file():
-            raise SystemExit(f"error: {path} not found: the real CT lives in ../shared/data/real-ct beside the "
-                             "checkout (not shipped with the project); pass --real-dir")
+    ct_path, label_path = real_files(args.real_dir)
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     model = load_model(args.model, device="cpu")
     label = flare_label_image(label_path)
