@@ -109,7 +109,8 @@ def _loader(cases: list[CachedCase], cfg: StudentConfig, augment: bool, rt: Runt
 
 
 class Alternating:
-    """One epoch of items ("labelled", batch), ("pseudo", batch), ...: one pass over the pseudo loader."""
+    """One epoch of items ("labelled", batch), ("pseudo", batch), ...: one pass over the pseudo loader. With
+    `without_pseudo_labels` (the control) the second slot of each pair is a labelled batch too: the same steps."""
 
     def __init__(self, labelled: torch.utils.data.DataLoader, pseudo: torch.utils.data.DataLoader, epoch: int,
                  without_pseudo_labels: bool = False) -> None:
